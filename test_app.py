@@ -1,0 +1,544 @@
+"""Behaviour of the generations service, against a real PostgreSQL (see conftest.py)."""
+
+import asyncio
+import re
+import subprocess
+import sys
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+import asyncpg
+import httpx
+import pytest
+
+import app
+from conftest import eventually, running
+from scripts.pg import EmbeddedPostgres
+
+JSON = {"Content-Type": "application/json"}
+URL_PATTERN = re.compile(r"https://placehold\.co/512x512/png\?text=a\+cute\+([a-z]+)\+(\d+)")
+TIMESTAMP = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z")
+
+SettingsFactory = Callable[..., app.Settings]
+
+
+async def post_job(client: httpx.AsyncClient, num_images: int = 1, **headers: str) -> dict:
+    """POST a job that must be accepted; return its JSON."""
+    response = await client.post("/generations", json={"numImages": num_images}, headers=headers)
+    assert response.status_code == 202, response.text
+    return response.json()
+
+
+async def insert_job(db: asyncpg.Connection, num_images: int = 1) -> uuid.UUID:
+    """Queue a job straight into the database, as another replica's POST would."""
+    return await db.fetchval("INSERT INTO jobs (num_images) VALUES ($1) RETURNING id", num_images)
+
+
+async def job_row(db: asyncpg.Connection, job_id: str | uuid.UUID) -> asyncpg.Record:
+    """The job as the database has it."""
+    return await db.fetchrow("SELECT * FROM jobs WHERE id = $1", uuid.UUID(str(job_id)))
+
+
+async def wait_for_status(db: asyncpg.Connection, job_id: str | uuid.UUID, *statuses: str, within: float = 10):
+    """Wait until the job has one of `statuses`; return its row."""
+
+    async def reached() -> asyncpg.Record | None:
+        row = await job_row(db, job_id)
+        return row if row["status"] in statuses else None
+
+    return await eventually(reached, within)
+
+
+def assert_problem(response: httpx.Response, status: int, detail: str | None = None) -> None:
+    """The response is an RFC 9457 problem with this status (and detail)."""
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/problem+json"
+    body = response.json()
+    assert body["type"] == "about:blank"
+    assert body["status"] == status
+    assert body["title"] and body["detail"]
+    if detail is not None:
+        assert body["detail"] == detail
+
+
+# --- The HTTP API ----------------------------------------------------------------------------
+
+
+async def test_post_accepts_a_job_and_says_where_it_is(settings: SettingsFactory) -> None:
+    """POST answers 202 with the whole job JSON, pending, and its URL in Location."""
+    async with running(settings(worker_concurrency=0)) as client:
+        response = await client.post("/generations", json={"numImages": 3})
+    assert response.status_code == 202
+    job = response.json()
+    assert response.headers["location"] == f"/generations/{job['jobId']}"
+    assert uuid.UUID(job["jobId"])
+    assert job | {"jobId": None, "createdAt": None, "updatedAt": None} == {
+        "jobId": None,
+        "status": "pending",
+        "numImages": 3,
+        "animal": None,
+        "imageUrls": None,
+        "error": None,
+        "attempts": 0,
+        "createdAt": None,
+        "updatedAt": None,
+        "completedAt": None,
+    }
+    assert TIMESTAMP.fullmatch(job["createdAt"]) and TIMESTAMP.fullmatch(job["updatedAt"])
+
+
+async def test_a_get_right_after_a_post_finds_the_job(settings: SettingsFactory) -> None:
+    """Read-your-writes: the insert is committed before the POST's response goes out."""
+    async with running(settings(worker_concurrency=0)) as client:
+        for _ in range(20):
+            job = await post_job(client)
+            response = await client.get(f"/generations/{job['jobId']}")
+            assert response.status_code == 200
+            assert response.json() == job
+
+
+@pytest.mark.parametrize("job_id", [str(uuid.uuid4()), "not-a-uuid", "1", "%20", "' OR 1=1 --"])
+async def test_unknown_or_malformed_job_ids_are_not_found(client: httpx.AsyncClient, job_id: str) -> None:
+    """Any id that names no job is a 404 `Job not found`, never a 500."""
+    assert_problem(await client.get(f"/generations/{job_id}"), 404, "Job not found")
+    assert_problem(await client.post(f"/generations/{job_id}/cancel"), 404, "Job not found")
+
+
+async def test_listing_is_newest_first_and_filters_by_status(settings: SettingsFactory, db: asyncpg.Connection) -> None:
+    """GET /generations lists jobs newest first; ?status= and ?limit= narrow it."""
+    async with running(settings(worker_concurrency=0)) as client:
+        ids = [(await post_job(client))["jobId"] for _ in range(4)]
+        await db.execute("UPDATE jobs SET status = 'failed' WHERE id = $1", uuid.UUID(ids[1]))
+        listed = (await client.get("/generations")).json()
+        assert [job["jobId"] for job in listed] == ids[::-1]
+        failed = (await client.get("/generations?status=failed")).json()
+        assert [job["jobId"] for job in failed] == [ids[1]]
+        two = await client.get("/generations?limit=2")
+        assert [job["jobId"] for job in two.json()] == ids[:1:-1]
+        assert 'rel="next"' in two.headers["link"]
+
+
+async def test_paging_walks_every_job_exactly_once_while_jobs_are_added(settings: SettingsFactory) -> None:
+    """Following Link: rel="next" returns each job once, even as new jobs are created."""
+    async with running(settings(worker_concurrency=0)) as client:
+        before = {(await post_job(client))["jobId"] for _ in range(11)}
+        seen: list[str] = []
+        url: str | None = "/generations?limit=3"
+        while url:
+            response = await client.get(url)
+            assert response.status_code == 200
+            seen += [job["jobId"] for job in response.json()]
+            await post_job(client)  # a newer job must not shift the pages
+            link = response.headers.get("link")
+            url = re.fullmatch(r'<([^>]+)>; rel="next"', link).group(1) if link else None
+        assert len(seen) == len(set(seen)) == 11
+        assert set(seen) == before
+
+
+@pytest.mark.parametrize(
+    "query",
+    ["status=done", "status=", "limit=0", "limit=201", "limit=abc", "limit=-1", "cursor=abc", "cursor=", "cursor=%00"],
+)
+async def test_bad_listing_parameters_are_400(client: httpx.AsyncClient, query: str) -> None:
+    """An unknown status, a limit outside 1..200 or a cursor we did not make is a 400."""
+    assert_problem(await client.get(f"/generations?{query}"), 400)
+
+
+async def test_health_ready_and_root(client: httpx.AsyncClient) -> None:
+    """/health and / answer without the database; /ready says the database and worker are up."""
+    health = await client.get("/health")
+    assert health.status_code == 200
+    assert health.json() == {"status": "ok", "version": app.VERSION}
+    ready = await client.get("/ready")
+    assert ready.status_code == 200
+    assert ready.json()["status"] == "ready"
+    assert (await client.get("/")).json() == {
+        "message": "Generations: ask for pictures of a random animal.",
+        "version": app.VERSION,
+        "docs": "/openapi.json",
+    }
+
+
+# --- Errors ----------------------------------------------------------------------------------
+
+BAD_BODIES = [
+    (b"{", JSON, 400, None),
+    (b"\xff\xfe{", JSON, 400, None),
+    (b"[" * 50_000, JSON, 400, None),  # too deep for the parser: still a clean 400
+    (b"[1]", JSON, 422, None),
+    (b'"numImages"', JSON, 422, None),
+    (b"null", JSON, 422, None),
+    (b"{}", JSON, 422, None),
+    (b'{"numImages": true}', JSON, 422, None),
+    (b'{"numImages": 2.0}', JSON, 422, None),
+    (b'{"numImages": "2"}', JSON, 422, None),
+    (b'{"numImages": null}', JSON, 422, None),
+    (b'{"numImages": NaN}', JSON, 422, None),
+    (b'{"numImages": 0}', JSON, 400, "numImages must be between 1 and 10"),
+    (b'{"numImages": 11}', JSON, 400, "numImages must be between 1 and 10"),
+    (b'{"numImages": -5}', JSON, 400, "numImages must be between 1 and 10"),
+    (b'{"numImages": 100000000000000000000000}', JSON, 400, "numImages must be between 1 and 10"),
+    (b'{"numImages": 1}', {}, 415, None),
+    (b'{"numImages": 1}', {"Content-Type": "text/plain"}, 415, None),
+    (b'{"numImages": 1}', {"Content-Type": "application/jsonx"}, 415, None),
+    (b'{"numImages": 1}', {"Content-Type": "application/x-www-form-urlencoded"}, 415, None),
+    (b" " * (64 * 1024 + 1), JSON, 413, None),
+]
+
+
+@pytest.mark.parametrize(("body", "headers", "status", "detail"), BAD_BODIES)
+async def test_bad_posts_get_a_problem_response(
+    settings: SettingsFactory, db: asyncpg.Connection, body: bytes, headers: dict, status: int, detail: str | None
+) -> None:
+    """Malformed input is a 4xx problem+json with the status SPEC gives, and creates no job."""
+    async with running(settings(worker_concurrency=0)) as client:
+        assert_problem(await client.post("/generations", content=body, headers=headers), status, detail)
+    assert await db.fetchval("SELECT count(*) FROM jobs") == 0
+
+
+@pytest.mark.parametrize(
+    "content_type", ["application/json; charset=utf-8", "application/problem+json", "APPLICATION/JSON"]
+)
+async def test_any_json_content_type_is_accepted(client: httpx.AsyncClient, content_type: str) -> None:
+    """application/json and application/*+json, with any charset, are JSON."""
+    response = await client.post("/generations", content=b'{"numImages": 1}', headers={"Content-Type": content_type})
+    assert response.status_code == 202
+
+
+async def test_max_images_per_job_is_configurable(settings: SettingsFactory) -> None:
+    """The range check and its message follow MAX_IMAGES_PER_JOB."""
+    async with running(settings(max_images_per_job=3, worker_concurrency=0)) as client:
+        assert (await client.post("/generations", json={"numImages": 3})).status_code == 202
+        response = await client.post("/generations", json={"numImages": 4})
+        assert_problem(response, 400, "numImages must be between 1 and 3")
+
+
+async def test_routing_errors_are_problems(client: httpx.AsyncClient) -> None:
+    """Unknown routes are 404 and wrong methods 405 with Allow, as problem+json."""
+    assert_problem(await client.get("/nope"), 404)
+    response = await client.delete("/generations")
+    assert_problem(response, 405)
+    assert set(response.headers["allow"].split(", ")) == {"GET", "HEAD", "POST"}
+    assert_problem(await client.put(f"/generations/{uuid.uuid4()}"), 405)
+
+
+# --- The worker ------------------------------------------------------------------------------
+
+
+async def test_a_job_is_completed_with_images_of_one_animal(client: httpx.AsyncClient, db: asyncpg.Connection) -> None:
+    """The worker completes a job: one random animal, numImages URLs, one attempt."""
+    job = await post_job(client, 3)
+    await wait_for_status(db, job["jobId"], "completed")
+    done = (await client.get(f"/generations/{job['jobId']}")).json()
+    assert done["status"] == "completed"
+    assert done["animal"] in app.ANIMALS
+    assert done["attempts"] == 1
+    assert done["error"] is None
+    assert TIMESTAMP.fullmatch(done["completedAt"])
+    matches = [URL_PATTERN.fullmatch(url) for url in done["imageUrls"]]
+    assert [(m.group(1), int(m.group(2))) for m in matches] == [(done["animal"], i) for i in (1, 2, 3)]
+
+
+async def test_a_notification_wakes_an_idle_worker(settings: SettingsFactory, db: asyncpg.Connection) -> None:
+    """A job inserted by another process starts at once through NOTIFY, not at the next poll."""
+    async with running(settings(worker_poll_interval=3600)):
+        await eventually(lambda: db.fetchval("SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'LISTEN%'"))
+        job_id = await insert_job(db)
+        await wait_for_status(db, job_id, "completed", within=5)
+
+
+async def test_polling_finds_jobs_that_no_notification_announced(
+    settings: SettingsFactory, db: asyncpg.Connection
+) -> None:
+    """A job that becomes due later (after its NOTIFY was sent) is found by polling."""
+    async with running(settings(worker_poll_interval=0.1)):
+        job_id = await db.fetchval(
+            "INSERT INTO jobs (num_images, available_at) VALUES (1, now() + interval '0.5 seconds') RETURNING id"
+        )
+        await wait_for_status(db, job_id, "completed")
+
+
+async def test_the_worker_listens_again_after_its_connection_is_killed(
+    settings: SettingsFactory, db: asyncpg.Connection
+) -> None:
+    """When the LISTEN connection is terminated, a new one takes its place and wakes the worker."""
+    listening = "SELECT pid FROM pg_stat_activity WHERE query LIKE 'LISTEN%' AND datname = current_database()"
+    async with running(settings(worker_poll_interval=3600)):
+        first = await eventually(lambda: db.fetchval(listening))
+        await db.execute("SELECT pg_terminate_backend($1)", first)
+        await eventually(lambda: db.fetchval(listening + " AND pid <> $1", first))
+        await wait_for_status(db, await insert_job(db), "completed", within=5)
+
+
+async def test_no_more_than_worker_concurrency_jobs_run_at_once(
+    settings: SettingsFactory, db: asyncpg.Connection
+) -> None:
+    """With WORKER_CONCURRENCY=2, at most two jobs are processing at any moment."""
+    async with running(settings(worker_concurrency=2, image_provider_delay=0.3)) as client:
+        ids = [(await post_job(client))["jobId"] for _ in range(6)]
+        most = 0
+        while await db.fetchval("SELECT count(*) FROM jobs WHERE status <> 'completed'"):
+            most = max(most, await db.fetchval("SELECT count(*) FROM jobs WHERE status = 'processing'"))
+            await asyncio.sleep(0.01)
+    assert most == 2
+    assert await db.fetchval("SELECT count(*) FROM jobs WHERE status = 'completed' AND attempts = 1") == len(ids)
+
+
+async def test_provider_errors_are_retried_until_max_attempts_then_fail(
+    settings: SettingsFactory, db: asyncpg.Connection
+) -> None:
+    """A provider that always fails: retried up to MAX_ATTEMPTS, then failed with its error."""
+    async with running(settings(image_provider_failure_rate=1.0, max_attempts=3)) as client:
+        job = await post_job(client)
+        row = await wait_for_status(db, job["jobId"], "failed", within=15)
+    assert row["attempts"] == 3
+    assert row["error"] == "ProviderError: the image provider failed (simulated by IMAGE_PROVIDER_FAILURE_RATE)"
+    assert row["image_urls"] is None
+    assert row["completed_at"] is not None
+
+
+async def test_a_retry_can_succeed(
+    settings: SettingsFactory, db: asyncpg.Connection, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After one failed attempt and its backoff, the next attempt completes the job."""
+    calls = []
+    real_provider = app.generate_images
+
+    async def fails_once(animal: str, num_images: int, settings: app.Settings) -> list[str]:
+        calls.append(animal)
+        if len(calls) == 1:
+            raise ConnectionError("provider timed out")
+        return await real_provider(animal, num_images, settings)
+
+    monkeypatch.setattr(app, "generate_images", fails_once)
+    async with running(settings()) as client:
+        job = await post_job(client)
+        row = await wait_for_status(db, job["jobId"], "completed")
+    assert row["attempts"] == 2 and len(calls) == 2
+    assert row["error"] is None
+
+
+def test_retry_backoff_grows_exponentially_with_jitter() -> None:
+    """Each retry waits about twice as long as the one before, never more than the cap."""
+    for attempt in range(1, 12):
+        step = min(app.RETRY_BASE_SECONDS * 2 ** (attempt - 1), app.RETRY_MAX_SECONDS)
+        delays = {app.retry_delay(attempt) for _ in range(50)}
+        assert all(step / 2 <= delay <= step for delay in delays)
+        assert len(delays) > 1
+
+
+async def test_a_job_whose_worker_died_is_claimed_again_after_its_lease(
+    settings: SettingsFactory, db: asyncpg.Connection
+) -> None:
+    """A processing job whose lease ran out (its worker died) is run again, as attempt 2."""
+    job_id = await db.fetchval(
+        "INSERT INTO jobs (num_images, status, attempts, available_at)"
+        " VALUES (1, 'processing', 1, now() + interval '1 second') RETURNING id"
+    )
+    async with running(settings()):
+        await asyncio.sleep(0.3)
+        assert (await job_row(db, job_id))["status"] == "processing"  # the lease still holds
+        row = await wait_for_status(db, job_id, "completed")
+    assert row["attempts"] == 2
+
+
+async def test_a_job_abandoned_on_its_last_attempt_fails(settings: SettingsFactory, db: asyncpg.Connection) -> None:
+    """A job whose worker died on the last allowed attempt is failed, not run again."""
+    job_id = await db.fetchval(
+        "INSERT INTO jobs (num_images, status, attempts, available_at)"
+        " VALUES (1, 'processing', 2, now() - interval '1 second') RETURNING id"
+    )
+    async with running(settings(max_attempts=2, job_lease_seconds=1)):
+        row = await wait_for_status(db, job_id, "failed")
+    assert row["attempts"] == 2
+    assert "lease expired" in row["error"]
+
+
+async def test_writes_are_fenced_on_the_claimed_attempt(db: asyncpg.Connection) -> None:
+    """A worker whose claim was taken over can neither complete, fail nor hand back the job."""
+    job_id = await insert_job(db)
+    [(_, stale_attempt, _)] = await db.fetch(app.CLAIM_JOBS, 1, 0.0, 5)  # a lease that ends at once
+    [(_, current_attempt, _)] = await db.fetch(app.CLAIM_JOBS, 1, 30.0, 5)  # another worker takes over
+    assert (stale_attempt, current_attempt) == (1, 2)
+
+    assert await db.fetch(app.COMPLETE_JOBS, [job_id], [stale_attempt], ["cat"], ['["x"]']) == []
+    assert await db.fetchval(app.RETRY_OR_FAIL_JOB, job_id, stale_attempt, 5, "boom", 0.0) is None
+    assert await db.fetch(app.EXTEND_LEASES, [job_id], [stale_attempt], 30.0) == []
+    assert await db.execute(app.HAND_BACK_JOBS, [job_id], [stale_attempt]) == "UPDATE 0"
+    row = await job_row(db, job_id)
+    assert (row["status"], row["attempts"], row["animal"], row["error"]) == ("processing", 2, None, None)
+
+    written = await db.fetch(app.COMPLETE_JOBS, [job_id], [current_attempt], ["cat"], ['["x"]'])
+    assert [tuple(r) for r in written] == [(job_id, 2)]
+    assert (await job_row(db, job_id))["status"] == "completed"
+
+
+async def test_only_due_jobs_are_claimed_and_each_only_once(db: asyncpg.Connection, db_url: str) -> None:
+    """Claims skip jobs in backoff, jobs under a live lease, and rows another claim has locked."""
+    due = await insert_job(db)
+    await db.execute("INSERT INTO jobs (num_images, available_at) VALUES (1, now() + interval '1 hour')")
+    other = await asyncpg.connect(db_url)
+    try:
+        async with db.transaction():
+            [first] = await db.fetch(app.CLAIM_JOBS, 10, 30.0, 5)
+            assert await other.fetch(app.CLAIM_JOBS, 10, 30.0, 5) == []  # locked: skipped, not waited on
+        assert first["id"] == due
+        assert await other.fetch(app.CLAIM_JOBS, 10, 30.0, 5) == []  # leased, or not due yet
+    finally:
+        await other.close()
+
+
+async def test_shutdown_hands_unfinished_jobs_back_at_once(settings: SettingsFactory, db: asyncpg.Connection) -> None:
+    """On shutdown, a job still running after the grace period goes back to pending right away."""
+    async with running(settings(image_provider_delay=60, shutdown_grace_seconds=0.2)) as client:
+        job = await post_job(client)
+        await wait_for_status(db, job["jobId"], "processing")
+    row = await job_row(db, job["jobId"])
+    assert (row["status"], row["attempts"]) == ("pending", 0)
+    assert row["available_at"] <= await db.fetchval("SELECT now()")
+
+
+async def test_shutdown_lets_running_jobs_finish_within_the_grace_period(
+    settings: SettingsFactory, db: asyncpg.Connection
+) -> None:
+    """On shutdown, a job that finishes within SHUTDOWN_GRACE_SECONDS is completed, not handed back."""
+    async with running(settings(image_provider_delay=0.5, shutdown_grace_seconds=10)) as client:
+        job = await post_job(client)
+        await wait_for_status(db, job["jobId"], "processing")
+    assert (await job_row(db, job["jobId"]))["status"] == "completed"
+
+
+async def test_api_only_mode_runs_no_worker(settings: SettingsFactory, db: asyncpg.Connection) -> None:
+    """WORKER_CONCURRENCY=0 serves the API and is ready, but never claims a job."""
+    async with running(settings(worker_concurrency=0)) as client:
+        job = await post_job(client)
+        assert (await client.get("/ready")).status_code == 200
+        await asyncio.sleep(0.5)  # a worker, if there were one, would have claimed it by now
+        assert (await job_row(db, job["jobId"]))["status"] == "pending"
+
+
+async def test_several_workers_complete_each_job_exactly_once(
+    settings: SettingsFactory, db: asyncpg.Connection, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Three apps on one database: every job completed once, on its first attempt."""
+    calls: list[str] = []
+    real_provider = app.generate_images
+
+    async def counting(animal: str, num_images: int, settings: app.Settings) -> list[str]:
+        calls.append(animal)
+        return await real_provider(animal, num_images, settings)
+
+    monkeypatch.setattr(app, "generate_images", counting)
+    config = settings(worker_concurrency=5)
+    async with running(config) as a, running(config) as b, running(config) as c:
+        posts = [post_job(client) for _ in range(40) for client in (a, b, c)]
+        await asyncio.gather(*posts)
+        await eventually(lambda: db.fetchval("SELECT count(*) = 120 FROM jobs WHERE status = 'completed'"), 30)
+    assert await db.fetchval("SELECT max(attempts) FROM jobs") == 1
+    assert len(calls) == 120
+
+
+# --- Losing the database ---------------------------------------------------------------------
+
+
+async def test_the_service_rides_out_a_database_restart(
+    tmp_path: Path, settings: SettingsFactory, template_url: str
+) -> None:
+    """While PostgreSQL is down: /health 200, /ready 503, POST a quick 503. Afterwards every
+    accepted job completes, and the process never needed a restart."""
+    server = EmbeddedPostgres(tmp_path / "pg", delete_on_exit=True)
+    try:
+        admin = await asyncpg.connect(server.url)
+        await admin.execute("CREATE DATABASE outage")
+        await admin.close()
+        config = settings(database_url=server.url_for("outage"), image_provider_delay=0.05)
+        async with running(config) as client:
+            accepted = [(await post_job(client))["jobId"] for _ in range(5)]
+            server.stop()
+            assert (await client.get("/health")).status_code == 200
+            assert_problem(await client.get("/ready"), 503)
+            response = await client.post("/generations", json={"numImages": 1})
+            assert_problem(response, 503)
+            assert response.headers["retry-after"]
+            assert (await client.get(f"/generations/{accepted[0]}")).status_code == 503
+            server.start()
+            await eventually(lambda: _is_ready(client), within=20)
+            accepted += [(await post_job(client))["jobId"] for _ in range(5)]
+            db = await asyncpg.connect(server.url_for("outage"))
+            try:
+                for job_id in accepted:
+                    row = await wait_for_status(db, job_id, "completed", within=20)
+                    assert row["attempts"] <= 2
+            finally:
+                await db.close()
+    finally:
+        server.close()
+
+
+async def _is_ready(client: httpx.AsyncClient) -> bool:
+    """True once /ready says 200."""
+    return (await client.get("/ready")).status_code == 200
+
+
+# --- Configuration ---------------------------------------------------------------------------
+
+
+def test_settings_come_from_the_environment() -> None:
+    """Every variable is read, converted and checked; unset ones keep their defaults."""
+    settings = app.Settings.from_env(
+        {
+            "DATABASE_URL": "postgresql://db/x",
+            "PORT": "9000",
+            "WORKER_CONCURRENCY": "0",
+            "IMAGE_PROVIDER_FAILURE_RATE": "0.25",
+            "API_TOKEN": "secret",
+            "CORS_ORIGINS": "https://a.example, https://b.example",
+            "ENABLE_DEBUG": "yes",
+            "LOG_LEVEL": "debug",
+        }
+    )
+    assert settings.port == 9000 and settings.worker_concurrency == 0
+    assert settings.image_provider_failure_rate == 0.25
+    assert settings.cors_origins == ("https://a.example", "https://b.example")
+    assert settings.enable_debug is True and settings.log_level == "DEBUG"
+    assert settings.max_images_per_job == 10 and settings.image_provider_delay == 2.0
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("PORT", "eighty"),
+        ("PORT", "70000"),
+        ("MAX_IMAGES_PER_JOB", "0"),
+        ("WORKER_POLL_INTERVAL", "nan"),
+        ("WORKER_CONCURRENCY", "-1"),
+        ("IMAGE_PROVIDER_FAILURE_RATE", "1.5"),
+        ("ENABLE_DEBUG", "maybe"),
+        ("LOG_LEVEL", "loud"),
+        ("DB_POOL_MIN_SIZE", "20"),
+    ],
+)
+def test_a_bad_setting_names_its_variable(name: str, value: str) -> None:
+    """A bad value is refused with a message naming the variable."""
+    with pytest.raises(app.ConfigError, match=name):
+        app.Settings.from_env({"DATABASE_URL": "postgresql://db/x", name: value})
+
+
+def test_a_bad_setting_stops_startup_with_one_line() -> None:
+    """`python app.py` with a bad variable exits at once with one line saying which."""
+    env = {"PATH": "", "DATABASE_URL": "postgresql://127.0.0.1:1/x", "MAX_ATTEMPTS": "lots"}
+    done = subprocess.run([sys.executable, "app.py"], env=env, capture_output=True, text=True, timeout=30)
+    assert done.returncode != 0
+    assert done.stderr.strip().splitlines() == [
+        "generations: configuration error: MAX_ATTEMPTS must be an integer, got 'lots'"
+    ]
+    missing = subprocess.run([sys.executable, "app.py"], env={"PATH": ""}, capture_output=True, text=True, timeout=30)
+    assert "DATABASE_URL is not set" in missing.stderr and len(missing.stderr.strip().splitlines()) == 1
+
+
+def test_importing_the_module_reads_nothing() -> None:
+    """Importing app touches neither the environment nor the network."""
+    env = {"PATH": ""}  # no DATABASE_URL: building the app from the environment would fail
+    done = subprocess.run([sys.executable, "-c", "import app"], env=env, capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
