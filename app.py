@@ -300,12 +300,7 @@ DATABASE_UNAVAILABLE = (
 
 def problem(status: int, detail: str, headers: Mapping[str, str] | None = None) -> JSONResponse:
     """An RFC 9457 problem response; `detail` says what to do about it."""
-    body = {
-        "type": "about:blank",
-        "title": HTTPStatus(status).phrase,
-        "status": status,
-        "detail": detail,
-    }
+    body = {"type": "about:blank", "title": HTTPStatus(status).phrase, "status": status, "detail": detail}
     return JSONResponse(body, status, headers=headers, media_type="application/problem+json")
 
 
@@ -542,12 +537,7 @@ class Worker:
 
     async def _claim(self, limit: int) -> list[Claim]:
         """Claim up to `limit` due jobs."""
-        rows = await self.pool.fetch(
-            CLAIM_JOBS,
-            limit,
-            self.settings.job_lease_seconds,
-            self.settings.max_attempts,
-        )
+        rows = await self.pool.fetch(CLAIM_JOBS, limit, self.settings.job_lease_seconds, self.settings.max_attempts)
         return [Claim(row["id"], row["attempts"], row["num_images"]) for row in rows]
 
     async def _run_job(self, claim: Claim) -> None:
@@ -571,10 +561,7 @@ class Worker:
                 error, retry_delay(claim.attempt),
             )  # fmt: skip
             if status is None:
-                logger.warning(
-                    "job %s attempt %d: failure not recorded, the claim was lost",
-                    *claim[:2],
-                )
+                logger.warning("job %s attempt %d: failure not recorded, the claim was lost", *claim[:2])
         except Exception as db_error:  # the lease will run out and the job will be claimed again
             log_failure(f"recording the failure of job {claim.job_id}", db_error)
         self._release(claim)
@@ -641,10 +628,7 @@ class Worker:
         kept = {(row["id"], row["attempts"]) for row in rows}
         for claim in claims:
             if (claim.job_id, claim.attempt) not in kept and claim in self.held:
-                logger.warning(
-                    "job %s attempt %d: claim lost (cancelled or taken over), stopping it",
-                    *claim[:2],
-                )
+                logger.warning("job %s attempt %d: claim lost (cancelled or taken over), stopping it", *claim[:2])
                 self.held[claim].cancel()
                 self._release(claim)
 
@@ -667,14 +651,9 @@ class Worker:
             return
         try:
             await self.pool.execute(
-                HAND_BACK_JOBS,
-                [claim.job_id for claim in claims],
-                [claim.attempt for claim in claims],
+                HAND_BACK_JOBS, [claim.job_id for claim in claims], [claim.attempt for claim in claims]
             )
-            logger.info(
-                "shutting down: handed %d unfinished jobs back to the queue",
-                len(claims),
-            )
+            logger.info("shutting down: handed %d unfinished jobs back to the queue", len(claims))
         except Exception as error:  # their leases will run out and they will be claimed again
             log_failure("handing back unfinished jobs", error)
         self.held.clear()
@@ -746,10 +725,7 @@ def read_idempotency_key(request: Request) -> str | None:
     """The Idempotency-Key header, if the client sent one."""
     key = request.headers.get("idempotency-key")
     if key is not None and not 1 <= len(key) <= MAX_IDEMPOTENCY_KEY_LENGTH:
-        raise HTTPException(
-            400,
-            f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY_LENGTH} characters long.",
-        )
+        raise HTTPException(400, f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY_LENGTH} characters long.")
     return key
 
 
@@ -771,10 +747,7 @@ def read_wait(request: Request) -> float | None:
     except ValueError:
         wait = math.nan
     if not 0 < wait <= MAX_WAIT_SECONDS:  # NaN fails this too
-        raise HTTPException(
-            400,
-            f"wait must be a number of seconds above 0 and at most {MAX_WAIT_SECONDS:g}.",
-        )
+        raise HTTPException(400, f"wait must be a number of seconds above 0 and at most {MAX_WAIT_SECONDS:g}.")
     return wait
 
 
@@ -824,11 +797,7 @@ async def wait_for_job(request: Request, job_id: uuid.UUID, seconds: float) -> a
                 if job is None or job["status"] in TERMINAL_STATUSES or remaining <= 0:
                     return job
                 woken = asyncio.create_task(maybe_ended.wait())
-                await asyncio.wait(
-                    {woken, disconnected},
-                    timeout=remaining,
-                    return_when=asyncio.FIRST_COMPLETED,
-                )
+                await asyncio.wait({woken, disconnected}, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
                 woken.cancel()
                 if disconnected.done():
                     return job
@@ -845,10 +814,7 @@ async def create_generation(request: Request) -> Response:
     if job is None:  # the key was used before: the same request gets the same job
         job = await state.pool.fetchrow(SELECT_JOB_BY_IDEMPOTENCY_KEY, key)
         if job["num_images"] != num_images:
-            raise HTTPException(
-                409,
-                "This Idempotency-Key was used with a different body; use a new key.",
-            )
+            raise HTTPException(409, "This Idempotency-Key was used with a different body; use a new key.")
         return job_response(job, 200)
     if state.worker:
         state.worker.wake()  # no need to wait for our own notification to come back
@@ -887,11 +853,7 @@ async def list_generations(request: Request) -> Response:
     page = rows[:limit]
     headers = {}
     if len(rows) > limit:
-        query = {
-            "limit": limit,
-            **({"status": status} if status else {}),
-            "cursor": encode_cursor(page[-1]),
-        }
+        query = {"limit": limit, **({"status": status} if status else {}), "cursor": encode_cursor(page[-1])}
         headers["Link"] = f'</generations?{urlencode(query)}>; rel="next"'
     return JSONResponse([job_json(job) for job in page], headers=headers)
 
@@ -906,8 +868,7 @@ async def cancel_generation(request: Request) -> Response:
         if job is None:
             raise HTTPException(404, "Job not found")
         raise HTTPException(
-            409,
-            f"The job is already {job['status']}; only pending or processing jobs can be cancelled.",
+            409, f"The job is already {job['status']}; only pending or processing jobs can be cancelled."
         )
     return job_response(job)
 
@@ -955,33 +916,15 @@ async def http_error(request: Request, error: HTTPException) -> Response:
 
 async def database_unavailable(request: Request, error: Exception) -> Response:
     """A lost database is a 503 the client can retry, not a 500."""
-    logger.warning(
-        "%s %s: database unavailable: %s",
-        request.method,
-        request.url.path,
-        error or type(error).__name__,
-    )
-    return problem(
-        503,
-        "The database is unavailable right now; retry in a few seconds.",
-        {"Retry-After": "2"},
-    )
+    logger.warning("%s %s: database unavailable: %s", request.method, request.url.path, error or type(error).__name__)
+    return problem(503, "The database is unavailable right now; retry in a few seconds.", {"Retry-After": "2"})
 
 
 async def internal_error(request: Request, error: Exception) -> Response:
     """Log an unexpected error with a request id the client can quote; leak nothing."""
     request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
-    logger.error(
-        "request %s: %s %s failed",
-        request_id,
-        request.method,
-        request.url.path,
-        exc_info=error,
-    )
-    return problem(
-        500,
-        f"Something went wrong on our side; quote request id {request_id} when reporting it.",
-    )
+    logger.error("request %s: %s %s failed", request_id, request.method, request.url.path, exc_info=error)
+    return problem(500, f"Something went wrong on our side; quote request id {request_id} when reporting it.")
 
 
 class BearerAuth:
@@ -1045,19 +988,9 @@ async def lifespan(app: Starlette, settings: Settings) -> AsyncIterator[State]:
     notifications.start()
     if worker:
         worker.start()
-    logger.info(
-        "generations %s ready (worker concurrency %d)",
-        VERSION,
-        settings.worker_concurrency,
-    )
+    logger.info("generations %s ready (worker concurrency %d)", VERSION, settings.worker_concurrency)
     try:
-        yield State(
-            settings=settings,
-            pool=pool,
-            worker=worker,
-            notifications=notifications,
-            openapi=openapi_doc,
-        )
+        yield State(settings=settings, pool=pool, worker=worker, notifications=notifications, openapi=openapi_doc)
     finally:
         if worker:
             await worker.stop()
@@ -1094,10 +1027,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
     handlers = {HTTPException: http_error, Exception: internal_error}
     handlers |= {error: database_unavailable for error in DATABASE_UNAVAILABLE}
     return Starlette(
-        routes=routes,
-        middleware=middleware,
-        exception_handlers=handlers,
-        lifespan=partial(lifespan, settings=settings),
+        routes=routes, middleware=middleware, exception_handlers=handlers, lifespan=partial(lifespan, settings=settings)
     )
 
 

@@ -51,11 +51,7 @@ def serve() -> None:
 
 def test(pytest_args: list[str]) -> int:
     """Run the whole test suite, then the linter and the formatter check."""
-    steps = [
-        ["-m", "pytest", *pytest_args],
-        ["-m", "ruff", "check", "."],
-        ["-m", "ruff", "format", "--check", "."],
-    ]
+    steps = [["-m", "pytest", *pytest_args], ["-m", "ruff", "check", "."], ["-m", "ruff", "format", "--check", "."]]
     failed = [step for step in steps if subprocess.run([sys.executable, *step], cwd=ROOT).returncode != 0]
     return 1 if failed else 0
 
