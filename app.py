@@ -73,7 +73,7 @@ PUBLIC_PATHS = frozenset({"/", "/health", "/ready"})
 
 # Timeouts that keep a lost database from hanging a request: fail fast, answer 503.
 CONNECT_TIMEOUT_SECONDS = 3.0
-QUERY_TIMEOUT_SECONDS = 5.0
+QUERY_TIMEOUT_SECONDS = 4.0
 STARTUP_DATABASE_WAIT_SECONDS = 30.0
 # How long a background loop waits after an error before it tries again.
 ERROR_BACKOFF_SECONDS = 1.0
@@ -627,9 +627,11 @@ class Worker:
         )
         kept = {(row["id"], row["attempts"]) for row in rows}
         for claim in claims:
-            if (claim.job_id, claim.attempt) not in kept and claim in self.held:
+            task = self.held.get(claim)
+            # A finished task's outcome is being written, and that write is fenced too.
+            if (claim.job_id, claim.attempt) not in kept and task and not task.done():
                 logger.warning("job %s attempt %d: claim lost (cancelled or taken over), stopping it", *claim[:2])
-                self.held[claim].cancel()
+                task.cancel()
                 self._release(claim)
 
     async def _let_running_jobs_finish(self) -> None:

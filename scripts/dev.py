@@ -11,6 +11,7 @@ embedded PostgreSQL, with its data kept in .data/postgres across restarts.
 
 import hashlib
 import os
+import signal
 import subprocess
 import sys
 import venv
@@ -36,17 +37,25 @@ def ensure_venv() -> None:
         STAMP.write_text(digest)
 
 
-def serve() -> None:
+def serve() -> int:
     """Run app.py on DATABASE_URL, or on the embedded PostgreSQL when it is not set."""
-    if not os.environ.get("DATABASE_URL"):
-        from scripts.pg import EmbeddedPostgres  # stopped again at exit; the data stays
+    env = dict(os.environ)
+    server = None
+    if not env.get("DATABASE_URL"):
+        from scripts.pg import EmbeddedPostgres
 
         server = EmbeddedPostgres(ROOT / ".data" / "postgres")
-        os.environ["DATABASE_URL"] = server.url
+        env["DATABASE_URL"] = server.url
         print(f"dev: embedded PostgreSQL at {server.url}", flush=True)
-    import app
-
-    app.main()
+    service = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=env)
+    # Ctrl-C reaches the service directly (same terminal); a SIGTERM sent to us is passed on.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda signum, _: service.send_signal(signum))
+    try:
+        return service.wait()
+    finally:
+        if server:
+            server.close()  # stop PostgreSQL; its data stays in .data/postgres
 
 
 def test(pytest_args: list[str]) -> int:
@@ -67,10 +76,7 @@ def main() -> int:
         os.execv(PYTHON, [str(PYTHON), __file__, command, *args])
     os.chdir(ROOT)
     sys.path.insert(0, str(ROOT))
-    if command == "serve":
-        serve()
-        return 0
-    return test(args)
+    return serve() if command == "serve" else test(args)
 
 
 if __name__ == "__main__":

