@@ -40,6 +40,7 @@ from datetime import UTC, datetime
 from functools import partial
 from http import HTTPStatus
 from pathlib import Path
+from types import FrameType
 from typing import Any, NamedTuple, TypedDict
 from urllib.parse import urlencode
 
@@ -486,10 +487,14 @@ class Worker:
         """Start working in the background."""
         self.task = asyncio.create_task(self.run(), name="worker")
 
-    async def stop(self) -> None:
-        """Stop claiming, let running jobs finish within the grace period, hand back the rest."""
+    def stop_claiming(self) -> None:
+        """Claim nothing more; running jobs go on."""
         self.stopping.set()
         self.wakeup.set()
+
+    async def stop(self) -> None:
+        """Stop claiming, let running jobs finish within the grace period, hand back the rest."""
+        self.stop_claiming()
         if self.task:
             await asyncio.gather(self.task, return_exceptions=True)
 
@@ -786,10 +791,14 @@ async def wait_until_disconnected(request: Request) -> None:
 
 
 async def wait_for_job(request: Request, job_id: uuid.UUID, seconds: float) -> asyncpg.Record | None:
-    """The job once it has ended, or as it is after `seconds`; no connection is held meanwhile."""
+    """The job once it has ended, or as it is after `seconds`, at shutdown, or when the client
+    leaves. No database connection is held while waiting."""
     state = request.state
     deadline = asyncio.get_running_loop().time() + seconds
-    disconnected = asyncio.create_task(wait_until_disconnected(request))
+    stop_waiting = [
+        asyncio.create_task(wait_until_disconnected(request)),
+        asyncio.create_task(state.shutting_down.wait()),
+    ]
     try:
         with state.notifications.watch(job_id) as maybe_ended:
             while True:
@@ -798,13 +807,14 @@ async def wait_for_job(request: Request, job_id: uuid.UUID, seconds: float) -> a
                 remaining = deadline - asyncio.get_running_loop().time()
                 if job is None or job["status"] in TERMINAL_STATUSES or remaining <= 0:
                     return job
-                woken = asyncio.create_task(maybe_ended.wait())
-                await asyncio.wait({woken, disconnected}, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
-                woken.cancel()
-                if disconnected.done():
+                if any(task.done() for task in stop_waiting):
                     return job
+                woken = asyncio.create_task(maybe_ended.wait())
+                await asyncio.wait({woken, *stop_waiting}, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
+                woken.cancel()
     finally:
-        disconnected.cancel()
+        for task in stop_waiting:
+            task.cancel()
 
 
 async def create_generation(request: Request) -> Response:
@@ -956,6 +966,7 @@ class State(TypedDict):
     pool: asyncpg.Pool
     worker: Worker | None
     notifications: Notifications
+    shutting_down: asyncio.Event
     openapi: dict[str, Any]
 
 
@@ -990,10 +1001,30 @@ async def lifespan(app: Starlette, settings: Settings) -> AsyncIterator[State]:
     notifications.start()
     if worker:
         worker.start()
+    shutting_down = asyncio.Event()
+
+    def begin_shutdown() -> None:
+        """Take no more work at once: the worker stops claiming, long polls answer now."""
+        shutting_down.set()
+        if worker:
+            worker.stop_claiming()
+
+    # uvicorn drains open requests before it runs the shutdown below; Server.handle_exit
+    # calls this the moment the signal arrives, so long polls do not hold the drain up.
+    loop = asyncio.get_running_loop()
+    app.state.begin_shutdown = partial(loop.call_soon_threadsafe, begin_shutdown)
     logger.info("generations %s ready (worker concurrency %d)", VERSION, settings.worker_concurrency)
     try:
-        yield State(settings=settings, pool=pool, worker=worker, notifications=notifications, openapi=openapi_doc)
+        yield State(
+            settings=settings,
+            pool=pool,
+            worker=worker,
+            notifications=notifications,
+            shutting_down=shutting_down,
+            openapi=openapi_doc,
+        )
     finally:
+        begin_shutdown()
         if worker:
             await worker.stop()
         await notifications.stop()
@@ -1033,19 +1064,28 @@ def create_app(settings: Settings | None = None) -> Starlette:
     )
 
 
+class Server(uvicorn.Server):
+    """uvicorn, telling the app as soon as a shutdown signal arrives rather than after requests drain."""
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        getattr(self.config.app.state, "begin_shutdown", lambda: None)()  # set once the lifespan started
+        super().handle_exit(sig, frame)
+
+
 def main() -> None:
     """Run the service with uvicorn, configured from the environment."""
     try:
         settings = Settings.from_env()
     except ConfigError as error:
         sys.exit(f"generations: configuration error: {error}")
-    uvicorn.run(
+    config = uvicorn.Config(
         create_app(settings),
         host=settings.host,
         port=settings.port,
         access_log=settings.log_level == "DEBUG",
         timeout_graceful_shutdown=settings.shutdown_grace_seconds,  # type: ignore[arg-type]
     )
+    Server(config).run()
 
 
 if __name__ == "__main__":

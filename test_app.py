@@ -11,6 +11,7 @@ from pathlib import Path
 import asyncpg
 import httpx
 import pytest
+from asgi_lifespan import LifespanManager
 
 import app
 from conftest import eventually, running
@@ -542,3 +543,18 @@ def test_importing_the_module_reads_nothing() -> None:
     env = {"PATH": ""}  # no DATABASE_URL: building the app from the environment would fail
     done = subprocess.run([sys.executable, "-c", "import app"], env=env, capture_output=True, text=True, timeout=30)
     assert done.returncode == 0, done.stderr
+
+
+async def test_a_shutdown_answers_long_polls_at_once(settings: SettingsFactory) -> None:
+    """When a shutdown begins, a waiting long poll answers right away with the job as it is."""
+    application = app.create_app(settings(worker_concurrency=0))
+    async with LifespanManager(application) as manager:
+        transport = httpx.ASGITransport(app=manager.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            job = await post_job(client)
+            poll = asyncio.create_task(client.get(f"/generations/{job['jobId']}?wait=60"))
+            await asyncio.sleep(0.2)  # let the poll start waiting (if it had not, it would still answer below)
+            application.state.begin_shutdown()
+            response = await asyncio.wait_for(poll, 10)
+    assert response.status_code == 200
+    assert response.json()["status"] == "pending"
