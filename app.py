@@ -900,6 +900,8 @@ async def ready(request: Request) -> Response:
         down.append(f"the database is unavailable ({error or type(error).__name__})")
     if state.worker and not state.worker.is_running:
         down.append("the worker is not running")
+    if state.shutting_down.is_set():
+        down.append("the service is shutting down")
     if down:
         return problem(503, "Not ready: " + "; ".join(down) + ".")
     return JSONResponse({"status": "ready", "version": VERSION})
