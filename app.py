@@ -296,6 +296,7 @@ DATABASE_UNAVAILABLE = (
     asyncpg.exceptions.OperatorInterventionError,  # shutting down, starting up, cancelled
     asyncpg.exceptions.TooManyConnectionsError,
     asyncpg.InterfaceError,  # the connection or the pool closed under us
+    asyncpg.exceptions.InternalClientError,  # a connection caught mid-error by a dying server
 )
 
 
