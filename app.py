@@ -352,6 +352,7 @@ async def open_database(settings: Settings) -> asyncpg.Pool:
             timeout=CONNECT_TIMEOUT_SECONDS,
             command_timeout=QUERY_TIMEOUT_SECONDS,
             init=setup_connection,
+            server_settings={"application_name": "generations"},
         )
         try:
             await pool
@@ -422,7 +423,11 @@ class Notifications:
 
     async def _listen(self) -> None:
         """Listen on one connection until it is lost."""
-        connection = await asyncpg.connect(self.settings.database_url, timeout=CONNECT_TIMEOUT_SECONDS)
+        connection = await asyncpg.connect(
+            self.settings.database_url,
+            timeout=CONNECT_TIMEOUT_SECONDS,
+            server_settings={"application_name": "generations-listen"},  # easy to find in pg_stat_activity
+        )
         try:
             lost = asyncio.Event()
             connection.add_termination_listener(lambda _: lost.set())

@@ -244,7 +244,9 @@ async def test_a_job_is_completed_with_images_of_one_animal(client: httpx.AsyncC
 async def test_a_notification_wakes_an_idle_worker(settings: SettingsFactory, db: asyncpg.Connection) -> None:
     """A job inserted by another process starts at once through NOTIFY, not at the next poll."""
     async with running(settings(worker_poll_interval=3600)):
-        await eventually(lambda: db.fetchval("SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'LISTEN%'"))
+        await eventually(
+            lambda: db.fetchval("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'generations-listen'")
+        )
         job_id = await insert_job(db)
         await wait_for_status(db, job_id, "completed", within=5)
 
@@ -264,7 +266,10 @@ async def test_the_worker_listens_again_after_its_connection_is_killed(
     settings: SettingsFactory, db: asyncpg.Connection
 ) -> None:
     """When the LISTEN connection is terminated, a new one takes its place and wakes the worker."""
-    listening = "SELECT pid FROM pg_stat_activity WHERE query LIKE 'LISTEN%' AND datname = current_database()"
+    listening = (
+        "SELECT pid FROM pg_stat_activity"
+        " WHERE application_name = 'generations-listen' AND datname = current_database()"
+    )
     async with running(settings(worker_poll_interval=3600)):
         first = await eventually(lambda: db.fetchval(listening))
         await db.execute("SELECT pg_terminate_backend($1)", first)
