@@ -261,6 +261,8 @@ RETURNING status
 
 # Extend the leases of the jobs this worker holds. A job missing from the result is no
 # longer ours: it was cancelled, or its lease ran out and another worker claimed it.
+# Statements given many jobs lock them in the order given, so the worker always gives them
+# sorted by id: two of its statements then never deadlock each other.
 EXTEND_LEASES = """
 UPDATE jobs SET available_at = now() + make_interval(secs => $3)
 FROM unnest($1::uuid[], $2::int[]) AS held(id, attempt)
@@ -268,12 +270,15 @@ WHERE jobs.id = held.id AND jobs.attempts = held.attempt AND jobs.status = 'proc
 RETURNING jobs.id, jobs.attempts
 """
 
-# Fail jobs whose worker vanished during their last allowed attempt: no one may claim them.
+# Fail jobs that have no attempt left and whose last one was interrupted (its worker vanished,
+# or MAX_ATTEMPTS was lowered since): no one may claim them. The extra lease period $2 lets a
+# worker that was only cut off from the database write the result it holds first.
 FAIL_ABANDONED_JOBS = """
 UPDATE jobs
-SET status = 'failed', error = 'the worker running the last attempt stopped (its lease expired)',
+SET status = 'failed', error = 'no attempts left: the last attempt was interrupted (its worker stopped)',
     updated_at = now(), completed_at = now()
-WHERE status = 'processing' AND available_at < now() AND attempts >= $1
+WHERE status IN ('pending', 'processing') AND attempts >= $1
+  AND available_at < now() - make_interval(secs => $2)
 """
 
 # On shutdown, give the jobs this worker still holds back to the queue at once. The
@@ -463,6 +468,22 @@ class Claim(NamedTuple):
     num_images: int
 
 
+def checked_urls(urls: object, num_images: int) -> list[str]:
+    """The provider's answer if it is what was asked for; one bad row must not fail a whole batch."""
+    if (
+        isinstance(urls, list)
+        and len(urls) == num_images
+        and all(isinstance(url, str) and storable(url) == url for url in urls)
+    ):
+        return urls
+    raise ProviderError(f"the provider returned {storable(repr(urls))[:200]}, not {num_images} URLs")
+
+
+def storable(text: str) -> str:
+    """`text` with what PostgreSQL cannot store (NUL characters, lone surrogates) replaced."""
+    return text.encode("utf-8", "replace").decode().replace("\x00", "\ufffd")
+
+
 def retry_delay(attempt: int) -> float:
     """Exponential backoff with jitter: half the step is fixed, half is random."""
     step = min(RETRY_BASE_SECONDS * 2 ** (attempt - 1), RETRY_MAX_SECONDS)
@@ -556,10 +577,10 @@ class Worker:
         animal = random.choice(ANIMALS)
         logger.debug("job %s attempt %d: generating %d %s images", *claim, animal)
         try:
-            urls = await generate_images(animal, claim.num_images, self.settings)
+            urls = checked_urls(await generate_images(animal, claim.num_images, self.settings), claim.num_images)
         except Exception as error:  # whatever the provider raises, the attempt failed
             logger.warning("job %s attempt %d failed: %s", claim.job_id, claim.attempt, error)
-            await self._record_failure(claim, f"{type(error).__name__}: {error}")
+            await self._record_failure(claim, storable(f"{type(error).__name__}: {error}"))
             return
         self.finished.append((claim, animal, urls))
         self.results_ready.set()
@@ -591,13 +612,14 @@ class Worker:
         batch = self.finished[:]
         if not batch:
             return True
+        ordered = sorted(batch)  # by job id: see EXTEND_LEASES
         try:
             written = await self.pool.fetch(
                 COMPLETE_JOBS,
-                [claim.job_id for claim, _, _ in batch],
-                [claim.attempt for claim, _, _ in batch],
-                [animal for _, animal, _ in batch],
-                [json.dumps(urls) for _, _, urls in batch],
+                [claim.job_id for claim, _, _ in ordered],
+                [claim.attempt for claim, _, _ in ordered],
+                [animal for _, animal, _ in ordered],
+                [json.dumps(urls) for _, _, urls in ordered],
             )
         except Exception as error:
             log_failure("recording completed jobs", error)
@@ -621,13 +643,15 @@ class Worker:
             await asyncio.sleep(self.settings.job_lease_seconds / 3)
             try:
                 await self._extend_leases()
-                await self.pool.execute(FAIL_ABANDONED_JOBS, self.settings.max_attempts)
+                await self.pool.execute(
+                    FAIL_ABANDONED_JOBS, self.settings.max_attempts, self.settings.job_lease_seconds
+                )
             except Exception as error:
                 log_failure("extending leases", error)
 
     async def _extend_leases(self) -> None:
         """Extend the lease of every held job; stop working on those that are no longer ours."""
-        claims = list(self.held)
+        claims = sorted(self.held)
         if not claims:
             return
         rows = await self.pool.fetch(
@@ -659,7 +683,7 @@ class Worker:
 
     async def _hand_back(self) -> None:
         """Return every job still held to the queue, so another worker starts it at once."""
-        claims = list(self.held)
+        claims = sorted(self.held)
         if not claims:
             return
         try:

@@ -325,6 +325,27 @@ async def test_a_retry_can_succeed(
     assert row["error"] is None
 
 
+async def test_a_bad_provider_answer_fails_the_attempt_not_the_worker(
+    settings: SettingsFactory, db: asyncpg.Connection, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A provider answer PostgreSQL cannot store, or not a list of numImages URLs, is a failed
+    attempt, retried like any provider error; an error text with a NUL is stored cleaned."""
+    answers = iter([["https://x.example/\x00"], "not a list", ["a", "b"]])
+
+    async def odd_provider(animal: str, num_images: int, settings: app.Settings) -> list[str]:
+        answer = next(answers, None)
+        if answer is None:
+            raise ValueError("no\x00pe")
+        return answer  # type: ignore[return-value]
+
+    monkeypatch.setattr(app, "generate_images", odd_provider)
+    async with running(settings(max_attempts=4)) as client:
+        job = await post_job(client)
+        row = await wait_for_status(db, job["jobId"], "failed", within=15)
+    assert row["attempts"] == 4
+    assert row["error"] == "ValueError: no\ufffdpe"
+
+
 def test_retry_backoff_grows_exponentially_with_jitter() -> None:
     """Each retry waits about twice as long as the one before, never more than the cap."""
     for attempt in range(1, 12):
@@ -358,7 +379,23 @@ async def test_a_job_abandoned_on_its_last_attempt_fails(settings: SettingsFacto
     async with running(settings(max_attempts=2, job_lease_seconds=1)):
         row = await wait_for_status(db, job_id, "failed")
     assert row["attempts"] == 2
-    assert "lease expired" in row["error"]
+    assert row["error"] == "no attempts left: the last attempt was interrupted (its worker stopped)"
+
+
+async def test_abandoned_jobs_fail_only_a_lease_after_their_lease_ran_out(db: asyncpg.Connection) -> None:
+    """The sweep spares a worker that was only cut off for a while, and catches jobs stranded
+    by a lowered MAX_ATTEMPTS; jobs with attempts left are not its business."""
+    rows = await db.fetch(
+        "INSERT INTO jobs (num_images, status, attempts, available_at) VALUES"
+        " (1, 'processing', 3, now() - interval '10 seconds'),"  # abandoned a lease ago: fail
+        " (1, 'processing', 3, now() - interval '5 seconds'),"  # its owner may still write: spare
+        " (1, 'pending', 3, now() - interval '10 seconds'),"  # stranded by a lowered limit: fail
+        " (1, 'processing', 2, now() - interval '10 seconds')"  # another worker will claim it: spare
+        " RETURNING id"
+    )
+    assert await db.execute(app.FAIL_ABANDONED_JOBS, 3, 8.0) == "UPDATE 2"
+    statuses = [(await job_row(db, row["id"]))["status"] for row in rows]
+    assert statuses == ["failed", "processing", "failed", "processing"]
 
 
 async def test_writes_are_fenced_on_the_claimed_attempt(db: asyncpg.Connection) -> None:
