@@ -20,7 +20,7 @@ WORKER_POLL_INTERVAL, WORKER_CONCURRENCY (0: API only), JOB_LEASE_SECONDS, MAX_A
 SHUTDOWN_GRACE_SECONDS, IMAGE_PROVIDER_DELAY, IMAGE_PROVIDER_FAILURE_RATE, DB_POOL_MIN_SIZE,
 DB_POOL_MAX_SIZE, API_TOKEN, CORS_ORIGINS, LOG_LEVEL, ENABLE_DEBUG, DEBUG_PORT.
 
-Run it with `python app.py`, or `uvicorn --factory app:create_app`.
+Run it with `python app.py`: main() runs uvicorn and tells the app the moment SIGTERM arrives.
 """
 
 import asyncio
