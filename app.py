@@ -47,6 +47,7 @@ from urllib.parse import urlencode
 import asyncpg
 import uvicorn
 from starlette.applications import Starlette
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
@@ -743,7 +744,8 @@ async def read_num_images(request: Request, maximum: int) -> int:
     if not is_json(request.headers.get("content-type")):
         raise HTTPException(415, "Send the body as JSON, with Content-Type: application/json.")
     try:
-        payload = json.loads(body)
+        # Python refuses integers over 4,300 digits; cut them to 30, still far out of range.
+        payload = json.loads(body, parse_int=lambda digits: int(digits[:30]))
     except (ValueError, RecursionError):
         raise HTTPException(400, 'The body is not valid JSON; send {"numImages": 3}.') from None
     if not isinstance(payload, dict):
@@ -791,7 +793,7 @@ def read_wait(request: Request) -> float | None:
 def read_page_size(request: Request) -> int:
     """The ?limit= of a listing."""
     raw = request.query_params.get("limit", str(DEFAULT_PAGE_SIZE))
-    if not raw.isdecimal() or not 1 <= int(raw) <= MAX_PAGE_SIZE:
+    if not (raw.isdecimal() and len(raw) <= 3 and 1 <= int(raw) <= MAX_PAGE_SIZE):
         raise HTTPException(400, f"limit must be an integer between 1 and {MAX_PAGE_SIZE}.")
     return int(raw)
 
@@ -806,12 +808,12 @@ def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
     """The position an `encode_cursor` cursor points at."""
     try:
         created_at, job_id = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode().split("|")
-        position = datetime.fromisoformat(created_at), uuid.UUID(job_id)
-    except ValueError:
+        moment = datetime.fromisoformat(created_at)
+        if moment.tzinfo is None:
+            raise ValueError("a cursor's time has a time zone")
+        return moment.astimezone(UTC), uuid.UUID(job_id)  # astimezone: out of range raises here, not in SQL
+    except (ValueError, OverflowError):
         raise HTTPException(400, "cursor is not valid; use the link in the previous page's Link header.") from None
-    if position[0].tzinfo is None:
-        raise HTTPException(400, "cursor is not valid; use the link in the previous page's Link header.")
-    return position
 
 
 async def wait_until_disconnected(request: Request) -> None:
@@ -971,17 +973,29 @@ async def internal_error(request: Request, error: Exception) -> Response:
     return problem(500, f"Something went wrong on our side; quote request id {request_id} when reporting it.")
 
 
+class ProblemCORSMiddleware(CORSMiddleware):
+    """Starlette's CORS, with a refused preflight answered as a problem like every other error."""
+
+    def preflight_response(self, request_headers: Headers) -> Response:
+        """The preflight answer; a refusal says what was refused."""
+        response = super().preflight_response(request_headers)
+        if response.status_code == 200:
+            return response
+        return problem(400, f"{bytes(response.body).decode()}: this origin, method or header is not allowed.")
+
+
 class BearerAuth:
     """Require `Authorization: Bearer <API_TOKEN>` on every path but the public ones."""
 
     def __init__(self, app: ASGIApp, token: str) -> None:
         self.app = app
-        self.expected = f"Bearer {token}".encode()
+        self.token = token.encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["path"] not in PUBLIC_PATHS:
-            given = dict(scope["headers"]).get(b"authorization", b"")
-            if not hmac.compare_digest(given, self.expected):
+            scheme, _, token = dict(scope["headers"]).get(b"authorization", b"").partition(b" ")
+            # The scheme is case-insensitive (RFC 9110); the token is compared in constant time.
+            if not (hmac.compare_digest(token, self.token) and scheme.lower() == b"bearer"):
                 detail = "Send the API token as Authorization: Bearer <token>."
                 await problem(401, detail, {"WWW-Authenticate": "Bearer"})(scope, receive, send)
                 return
@@ -1071,7 +1085,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
     if settings.cors_origins:
         middleware.append(
             Middleware(
-                CORSMiddleware,
+                ProblemCORSMiddleware,
                 allow_origins=settings.cors_origins,
                 allow_methods=["GET", "POST"],
                 allow_headers=["Authorization", "Content-Type", "Idempotency-Key"],
