@@ -35,7 +35,8 @@ CREATE INDEX IF NOT EXISTS jobs_status_newest ON jobs (status, created_at, id);
 CREATE UNIQUE INDEX IF NOT EXISTS jobs_idempotency_key ON jobs (idempotency_key)
     WHERE idempotency_key IS NOT NULL;
 
--- Workers LISTEN on generations_new: a job became runnable (created, or handed back).
+-- Workers LISTEN on generations_new: a job became runnable now (created, or handed back;
+-- a retry waiting out its backoff is found by polling instead).
 CREATE OR REPLACE FUNCTION notify_generations_new() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
@@ -46,7 +47,7 @@ $$;
 
 CREATE OR REPLACE TRIGGER jobs_notify_new
     AFTER INSERT OR UPDATE OF status ON jobs
-    FOR EACH ROW WHEN (NEW.status = 'pending')
+    FOR EACH ROW WHEN (NEW.status = 'pending' AND NEW.available_at <= now())
     EXECUTE FUNCTION notify_generations_new();
 
 -- Long polls LISTEN on generations_done: the payload is the id of a job that just ended.
