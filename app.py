@@ -15,10 +15,7 @@ Workers claim jobs with FOR UPDATE SKIP LOCKED, so any number of replicas can sh
 database; a claim is a lease that a live worker keeps extending, and every write after the
 claim is fenced on the attempt number it claimed, so a job is completed exactly once.
 
-Environment (defaults in Settings): DATABASE_URL (required), HOST, PORT, MAX_IMAGES_PER_JOB,
-WORKER_POLL_INTERVAL, WORKER_CONCURRENCY (0: API only), JOB_LEASE_SECONDS, MAX_ATTEMPTS,
-SHUTDOWN_GRACE_SECONDS, IMAGE_PROVIDER_DELAY, IMAGE_PROVIDER_FAILURE_RATE, DB_POOL_MIN_SIZE,
-DB_POOL_MAX_SIZE, API_TOKEN, CORS_ORIGINS, LOG_LEVEL, ENABLE_DEBUG, DEBUG_PORT.
+Environment: each field of Settings, upper-cased (DATABASE_URL is required).
 
 Run it with `python app.py`: main() runs uvicorn and tells the app the moment SIGTERM arrives.
 """
@@ -535,11 +532,6 @@ class Worker:
         if self.task:
             await asyncio.gather(self.task, return_exceptions=True)
 
-    @property
-    def is_running(self) -> bool:
-        """True while the worker task is alive."""
-        return self.task is not None and not self.task.done()
-
     def wake(self) -> None:
         """Look for due jobs now rather than at the next poll."""
         self.wakeup.set()
@@ -846,9 +838,8 @@ async def wait_for_job(request: Request, job_id: uuid.UUID, seconds: float) -> a
                 maybe_ended.clear()
                 job = await state.pool.fetchrow(SELECT_JOB, job_id)
                 remaining = deadline - asyncio.get_running_loop().time()
-                if job is None or job["status"] in TERMINAL_STATUSES or remaining <= 0:
-                    return job
-                if any(task.done() for task in stop_waiting):
+                ended = job is None or job["status"] in TERMINAL_STATUSES
+                if ended or remaining <= 0 or any(task.done() for task in stop_waiting):
                     return job
                 woken = asyncio.create_task(maybe_ended.wait())
                 await asyncio.wait({woken, *stop_waiting}, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
@@ -939,7 +930,7 @@ async def ready(request: Request) -> Response:
         await state.pool.fetchval("SELECT 1", timeout=CONNECT_TIMEOUT_SECONDS)
     except Exception as error:
         down.append(f"the database is unavailable ({error or type(error).__name__})")
-    if state.worker and not state.worker.is_running:
+    if state.worker and (state.worker.task is None or state.worker.task.done()):
         down.append("the worker is not running")
     if state.shutting_down.is_set():
         down.append("the service is shutting down")
