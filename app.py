@@ -1,14 +1,15 @@
 """Generations: clients ask for pictures of a random animal, a worker makes them.
 
-One module over PostgreSQL, read top to bottom: configuration, SQL, errors, the image
-provider, notifications, the worker, the HTTP endpoints, the app.
+One module over PostgreSQL, read top to bottom: configuration, SQL, errors and metrics, the
+image provider, notifications, the worker, the HTTP endpoints, the app.
 
 Endpoints (the full contract is served at /openapi.json):
     POST /generations                 {"numImages": n} -> 202 and the job (Idempotency-Key honoured)
+    POST /generations/batch           {"jobs": [{"numImages": n}, ...]} -> 202 and the jobs, in order
     GET  /generations                 newest first; ?status= ?limit= ?cursor=, next page in Link
     GET  /generations/{id}            the job; ?wait=S long-polls until it ends (S <= 60)
     POST /generations/{id}/cancel     pending or processing -> cancelled
-    GET  /health, /ready, /, /openapi.json
+    GET  /health, /ready, /metrics, /, /openapi.json
 
 Jobs go pending -> processing -> completed | failed, or pending|processing -> cancelled.
 Workers claim jobs with FOR UPDATE SKIP LOCKED, so any number of replicas can share one
@@ -17,13 +18,16 @@ claim is fenced on the attempt number it claimed, so a job is completed exactly 
 
 Environment: each field of Settings, upper-cased (DATABASE_URL is required).
 
-Run it with `python app.py`: main() runs uvicorn and tells the app the moment SIGTERM arrives.
+Run it with `python app.py`: main() waits for the database, then runs uvicorn and tells the
+app the moment SIGTERM arrives.
 """
 
 import asyncio
 import base64
 import contextlib
+import contextvars
 import dataclasses
+import hashlib
 import hmac
 import json
 import logging
@@ -31,18 +35,20 @@ import math
 import os
 import random
 import sys
+import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
 from datetime import UTC, datetime
 from functools import partial
 from http import HTTPStatus
 from pathlib import Path
 from types import FrameType
 from typing import Any, NamedTuple, TypedDict
-from urllib.parse import urlencode
+from urllib.parse import parse_qs, urlencode, urlsplit
 
 import asyncpg
 import uvicorn
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.applications import Starlette
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
@@ -51,9 +57,9 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-VERSION = "1.0.0"
+VERSION = "1.1.0"
 HERE = Path(__file__).parent
 logger = logging.getLogger("generations")
 
@@ -65,21 +71,30 @@ STATUSES = ("pending", "processing", "completed", "failed", "cancelled")
 TERMINAL_STATUSES = frozenset({"completed", "failed", "cancelled"})
 
 MAX_BODY_BYTES = 64 * 1024
+MAX_BATCH_SIZE = 1000
 MAX_IDEMPOTENCY_KEY_LENGTH = 255
 MAX_WAIT_SECONDS = 60.0
 DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE = 50, 200
-PUBLIC_PATHS = frozenset({"/", "/health", "/ready"})
+PUBLIC_PATHS = frozenset({"/", "/health", "/ready", "/openapi.json"})
 
 # Timeouts that keep a lost database from hanging a request: fail fast, answer 503.
 CONNECT_TIMEOUT_SECONDS = 3.0
 QUERY_TIMEOUT_SECONDS = 4.0
-STARTUP_DATABASE_WAIT_SECONDS = 30.0
 # How long a background loop waits after an error before it tries again.
 ERROR_BACKOFF_SECONDS = 1.0
-# How often the idle LISTEN connection is pinged, so a silently dead one is noticed.
-LISTEN_KEEPALIVE_SECONDS = 5.0
+# How often the LISTEN connection proves that notifications arrive (a ping it sends itself).
+LISTEN_CHECK_SECONDS = 5.0
 # Retry backoff: 0.5 s, 1 s, 2 s, ... up to 60 s, each with jitter.
 RETRY_BASE_SECONDS, RETRY_MAX_SECONDS = 0.5, 60.0
+# Expired jobs are deleted this often, this many per statement: short transactions.
+RETENTION_INTERVAL_SECONDS, RETENTION_BATCH_SIZE = 5.0, 1000
+# A NOTIFY payload must stay under 8,000 bytes: this many job ids (36 characters and a space).
+JOB_IDS_PER_NOTIFICATION = 200
+# The job gauges count exactly up to this many jobs per status, so a scrape stays cheap.
+COUNT_LIMIT = 100_000
+
+# The job and attempt a log line is about, or the request it serves (LOG_FORMAT=json shows them).
+log_context: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar("log_context", default={})  # noqa: B039
 
 
 # --- Configuration -------------------------------------------------------------------------
@@ -89,9 +104,9 @@ class ConfigError(ValueError):
     """A setting from the environment is missing or out of range."""
 
 
-def _setting(default: Any, low: float | None = None, high: float | None = None) -> Any:
-    """A settings field with its default and the inclusive range it must fall in."""
-    return dataclasses.field(default=default, metadata={"low": low, "high": high})
+def _setting(default: Any, low: float | None = None, high: float | None = None, choices: tuple = ()) -> Any:
+    """A settings field with its default, and the inclusive range or the choices it must be one of."""
+    return dataclasses.field(default=default, metadata={"low": low, "high": high, "choices": choices})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,21 +114,27 @@ class Settings:
     """Everything the service reads from its environment, read once at startup."""
 
     database_url: str = ""
+    listen_database_url: str = ""  # where the LISTEN connection goes; empty: DATABASE_URL
     host: str = "0.0.0.0"
     port: int = _setting(8000, 1, 65535)
     max_images_per_job: int = _setting(10, 1, 10_000)
     worker_poll_interval: float = _setting(1.0, 0.01, 3600)
     worker_concurrency: int = _setting(20, 0, 10_000)
     job_lease_seconds: float = _setting(30.0, 1, 86_400)
+    job_timeout_seconds: float = _setting(120.0, 0.001, 86_400)
+    job_retention_seconds: float = _setting(604_800.0, 0, 10 * 365 * 86_400)
     max_attempts: int = _setting(3, 1, 100)
     shutdown_grace_seconds: float = _setting(10.0, 0, 3600)
     image_provider_delay: float = _setting(2.0, 0, 3600)
     image_provider_failure_rate: float = _setting(0.0, 0, 1)
     db_pool_min_size: int = _setting(1, 0, 1000)
     db_pool_max_size: int = _setting(10, 1, 1000)
+    db_statement_cache_size: int = _setting(100, 0, 100_000)
+    database_wait_seconds: float = _setting(30.0, 0, 3600)
     api_token: str | None = None
     cors_origins: tuple[str, ...] = ()
-    log_level: str = "INFO"
+    log_level: str = _setting("INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    log_format: str = _setting("text", choices=("text", "json"))
     enable_debug: bool = False
     debug_port: int = _setting(5678, 1, 65535)
 
@@ -124,7 +145,7 @@ class Settings:
         for field in dataclasses.fields(cls):
             raw = env.get(field.name.upper(), "").strip()
             if raw:
-                values[field.name] = _parse_setting(field.name.upper(), field.type, raw)
+                values[field.name] = _parse_setting(field, raw)
         return cls(**values)
 
     def __post_init__(self) -> None:
@@ -133,110 +154,133 @@ class Settings:
             raise ConfigError(
                 "DATABASE_URL is not set: give it a PostgreSQL URL, postgresql://user:password@host:5432/db"
             )
+        for name in ("database_url", "listen_database_url"):
+            url = getattr(self, name)
+            if url and urlsplit(url).scheme not in ("postgresql", "postgres"):
+                raise ConfigError(f"{name.upper()} must be a PostgreSQL URL, postgresql://user:password@host:5432/db")
         for field in dataclasses.fields(self):
-            low, high = field.metadata.get("low"), field.metadata.get("high")
+            low, high, choices = field.metadata.get("low"), field.metadata.get("high"), field.metadata.get("choices")
             value = getattr(self, field.name)
-            if low is not None and not low <= value <= high:
+            if low is not None and not low <= value <= high:  # NaN fails this too
                 raise ConfigError(f"{field.name.upper()} must be between {low} and {high}, got {value!r}")
+            if choices and value not in choices:
+                raise ConfigError(f"{field.name.upper()} must be one of {', '.join(choices)}, got {value!r}")
         if self.db_pool_min_size > self.db_pool_max_size:
             raise ConfigError("DB_POOL_MIN_SIZE must not be larger than DB_POOL_MAX_SIZE")
-        if self.log_level not in logging.getLevelNamesMapping():
-            raise ConfigError(f"LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR, got {self.log_level!r}")
 
 
-def _parse_setting(name: str, kind: object, raw: str) -> object:
+def _parse_setting(field: dataclasses.Field, raw: str) -> object:
     """Turn one environment variable's text into its field's type."""
+    name, kind, choices = field.name.upper(), field.type, field.metadata.get("choices")
     if kind is bool:
         if raw.lower() not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
             raise ConfigError(f"{name} must be true or false, got {raw!r}")
         return raw.lower() in ("1", "true", "yes", "on")
     if kind is int or kind is float:
         try:
-            value = kind(raw)  # type: ignore[operator]
+            return kind(raw)  # type: ignore[operator]
         except ValueError:
             raise ConfigError(f"{name} must be {'an integer' if kind is int else 'a number'}, got {raw!r}") from None
-        if not math.isfinite(value):
-            raise ConfigError(f"{name} must be a finite number, got {raw!r}")
-        return value
     if kind == tuple[str, ...]:
         return tuple(part.strip() for part in raw.split(",") if part.strip())
-    if name == "LOG_LEVEL":
-        return raw.upper()
-    return raw
+    return next((choice for choice in choices or () if choice.lower() == raw.lower()), raw)
+
+
+def database_address(url: str) -> str:
+    """The host:port (or socket directory:port) a PostgreSQL URL points at; never its password."""
+    parts = urlsplit(url)
+    query = parse_qs(parts.query)
+    host = query.get("host", [parts.hostname or "localhost"])[0]
+    return f"{host}:{query.get('port', [parts.port or 5432])[0]}"
 
 
 # --- SQL -----------------------------------------------------------------------------------
 # Every statement the service runs. $n parameters only; the schema is in schema.sql.
 
-# Take the advisory lock that makes replicas starting together apply schema.sql one by one.
+# What every statement that returns jobs returns (job_json turns a row into the API's shape).
+JOB_COLUMNS = "id, status, num_images, animal, image_urls, error, attempts, created_at, updated_at, completed_at"
+
+# The hash of the schema.sql the database has. The table is missing before the first start.
+SELECT_SCHEMA_VERSION = "SELECT version FROM schema_version"
+
+# Replicas that find the schema outdated apply it one at a time.
 LOCK_SCHEMA = "SELECT pg_advisory_xact_lock(hashtext('generations schema'))"
 
-# Create a job. With an Idempotency-Key that was used before, insert nothing and return no row.
-INSERT_JOB = """
-INSERT INTO jobs (num_images, idempotency_key) VALUES ($1, $2)
-ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
-RETURNING id, status, num_images, animal, image_urls, error, attempts,
-          created_at, updated_at, completed_at
+# DDL waits for a lock on jobs behind any open transaction, and every request would queue
+# behind the DDL: give up after a second instead, and try again.
+LIMIT_LOCK_WAIT = "SET LOCAL lock_timeout = '1s'"
+
+# Record the schema.sql just applied.
+SET_SCHEMA_VERSION = "WITH old AS (DELETE FROM schema_version) INSERT INTO schema_version (version) VALUES ($1)"
+
+# Create one job per element of $1 (numImages), in one statement: a POST makes one, a batch
+# ($3 true) many, each remembering its position. A reused Idempotency-Key ($2) violates
+# jobs_idempotency_key and inserts nothing.
+INSERT_JOBS = f"""
+INSERT INTO jobs (num_images, idempotency_key, batch_index)
+SELECT item.num_images, $2, CASE WHEN $3 THEN item.position - 1 END
+FROM unnest($1::int[]) WITH ORDINALITY AS item(num_images, position)
+RETURNING {JOB_COLUMNS}, batch_index
 """
 
-# The job created earlier with this Idempotency-Key.
-SELECT_JOB_BY_IDEMPOTENCY_KEY = """
-SELECT id, status, num_images, animal, image_urls, error, attempts,
-       created_at, updated_at, completed_at
-FROM jobs WHERE idempotency_key = $1
-"""
+# The jobs an earlier request with this Idempotency-Key made, in request order.
+SELECT_JOBS_BY_KEY = f"SELECT {JOB_COLUMNS}, batch_index FROM jobs WHERE idempotency_key = $1 ORDER BY batch_index"
 
 # One job by id.
-SELECT_JOB = """
-SELECT id, status, num_images, animal, image_urls, error, attempts,
-       created_at, updated_at, completed_at
-FROM jobs WHERE id = $1
+SELECT_JOB = f"SELECT {JOB_COLUMNS} FROM jobs WHERE id = $1"
+
+# One page of jobs, newest first, after the keyset cursor ($1, $2); the first page starts at
+# the end of time. Ask for one row more than the page to know if another page follows. Two
+# statements, not one with "$4 IS NULL OR": each gets the same plan, custom or generic.
+LIST_JOBS = f"""
+SELECT {JOB_COLUMNS} FROM jobs
+WHERE (created_at, id) < ($1, $2)
+ORDER BY created_at DESC, id DESC LIMIT $3
 """
 
-# One page of jobs, newest first, optionally of one status, after a keyset cursor
-# (created_at, id) when one is given. Ask for one row more than the page to know if
-# another page follows.
-LIST_JOBS = """
-SELECT id, status, num_images, animal, image_urls, error, attempts,
-       created_at, updated_at, completed_at
-FROM jobs
-WHERE ($1::text IS NULL OR status = $1)
-  AND ($2::timestamptz IS NULL OR (created_at, id) < ($2, $3::uuid))
-ORDER BY created_at DESC, id DESC
-LIMIT $4
+# The same, of one status ($4).
+LIST_JOBS_WITH_STATUS = f"""
+SELECT {JOB_COLUMNS} FROM jobs
+WHERE status = $4 AND (created_at, id) < ($1, $2)
+ORDER BY created_at DESC, id DESC LIMIT $3
 """
 
 # Cancel a job that has not ended. No row: the job is unknown or already over.
-CANCEL_JOB = """
+CANCEL_JOB = f"""
 UPDATE jobs SET status = 'cancelled', updated_at = now(), completed_at = now()
 WHERE id = $1 AND status IN ('pending', 'processing')
-RETURNING id, status, num_images, animal, image_urls, error, attempts,
-          created_at, updated_at, completed_at
+RETURNING {JOB_COLUMNS}
 """
 
 # Claim up to $1 due jobs: pending ones whose retry backoff is over, and processing ones
 # whose worker let its lease run out. SKIP LOCKED lets replicas claim side by side without
 # waiting on each other's rows; MATERIALIZED makes the locked selection happen exactly once.
-# The claim counts an attempt and starts a lease of $2 seconds.
+# A claim counts an attempt and starts a lease of $2 seconds. A due job with no attempt left
+# ($3: its last worker vanished, or MAX_ATTEMPTS was lowered) is failed instead of run.
+# `waited` is how long the job had been runnable.
 CLAIM_JOBS = """
 WITH due AS MATERIALIZED (
-    SELECT id FROM jobs
-    WHERE status IN ('pending', 'processing') AND available_at <= now() AND attempts < $3
+    SELECT id, attempts < $3 AS runnable, available_at FROM jobs
+    WHERE status IN ('pending', 'processing') AND available_at <= now()
     ORDER BY available_at
     LIMIT $1
     FOR UPDATE SKIP LOCKED
 )
 UPDATE jobs
-SET status = 'processing', attempts = jobs.attempts + 1,
+SET status = CASE WHEN runnable THEN 'processing' ELSE 'failed' END,
+    attempts = jobs.attempts + runnable::int,
+    error = CASE WHEN runnable THEN jobs.error
+                 ELSE 'no attempts left: the last attempt was interrupted (its worker stopped)' END,
+    completed_at = CASE WHEN runnable THEN NULL ELSE now() END,
     available_at = now() + make_interval(secs => $2), updated_at = now()
 FROM due WHERE jobs.id = due.id
-RETURNING jobs.id, jobs.attempts, jobs.num_images
+RETURNING jobs.id, jobs.attempts, jobs.num_images, runnable, extract(epoch FROM now() - due.available_at) AS waited
 """
 
 # Complete a batch of jobs in one statement (image URLs as JSON text, one per job, since
-# arrays of arrays would flatten). Each row counts only if its job is still
-# processing under the attempt that produced it: a cancelled job, or one whose lease
-# another worker took over, is left alone. The rows returned are the ones written.
+# arrays of arrays would flatten). Each row counts only if its job is still processing
+# under the attempt that produced it: a cancelled job, or one whose lease another worker
+# took over, is left alone. The rows returned are the ones written.
 COMPLETE_JOBS = """
 UPDATE jobs
 SET status = 'completed', animal = done.animal, image_urls = done.image_urls::jsonb,
@@ -246,15 +290,17 @@ WHERE jobs.id = done.id AND jobs.attempts = done.attempt AND jobs.status = 'proc
 RETURNING jobs.id, jobs.attempts
 """
 
-# Record a failed attempt (fenced like COMPLETE_JOBS): back to pending after a backoff of
-# $5 seconds while attempts remain below $3, otherwise failed for good.
-RETRY_OR_FAIL_JOB = """
+# Record attempts that did not complete (fenced like COMPLETE_JOBS), with the error $4: back
+# to pending after each job's delay while attempts remain below $3, otherwise failed for good.
+# A failed attempt waits out its backoff; a job handed back at shutdown waits for nothing.
+RETRY_OR_FAIL_JOBS = """
 UPDATE jobs
-SET status = CASE WHEN attempts < $3 THEN 'pending' ELSE 'failed' END,
-    completed_at = CASE WHEN attempts < $3 THEN NULL ELSE now() END,
-    error = $4, available_at = now() + make_interval(secs => $5), updated_at = now()
-WHERE id = $1 AND attempts = $2 AND status = 'processing'
-RETURNING status
+SET status = CASE WHEN jobs.attempts < $3 THEN 'pending' ELSE 'failed' END,
+    completed_at = CASE WHEN jobs.attempts < $3 THEN NULL ELSE now() END,
+    error = $4, available_at = now() + make_interval(secs => held.delay), updated_at = now()
+FROM unnest($1::uuid[], $2::int[], $5::float8[]) AS held(id, attempt, delay)
+WHERE jobs.id = held.id AND jobs.attempts = held.attempt AND jobs.status = 'processing'
+RETURNING jobs.id, jobs.status, held.delay
 """
 
 # Extend the leases of the jobs this worker holds. A job missing from the result is no
@@ -268,31 +314,37 @@ WHERE jobs.id = held.id AND jobs.attempts = held.attempt AND jobs.status = 'proc
 RETURNING jobs.id, jobs.attempts
 """
 
-# Fail jobs that have no attempt left and whose last one was interrupted (its worker vanished,
-# or MAX_ATTEMPTS was lowered since): no one may claim them. The extra lease period $2 lets a
-# worker that was only cut off from the database write the result it holds first.
-FAIL_ABANDONED_JOBS = """
-UPDATE jobs
-SET status = 'failed', error = 'no attempts left: the last attempt was interrupted (its worker stopped)',
-    updated_at = now(), completed_at = now()
-WHERE status IN ('pending', 'processing') AND attempts >= $1
-  AND available_at < now() - make_interval(secs => $2)
+# Delete up to $2 jobs that ended more than $1 seconds ago, and with them their images and
+# Idempotency-Keys. Their created_at is older still, which lets jobs_status_newest find them;
+# SKIP LOCKED: never wait for a row that someone else holds.
+DELETE_EXPIRED_JOBS = """
+DELETE FROM jobs WHERE id IN (
+    SELECT id FROM jobs
+    WHERE status IN ('completed', 'failed', 'cancelled')
+      AND created_at < now() - make_interval(secs => $1)
+      AND completed_at < now() - make_interval(secs => $1)
+    LIMIT $2
+    FOR UPDATE SKIP LOCKED
+)
 """
 
-# On shutdown, give the jobs this worker still holds back to the queue at once. The
-# interrupted attempt is not counted against the job: the shutdown was not its fault.
-HAND_BACK_JOBS = """
-UPDATE jobs
-SET status = 'pending', attempts = jobs.attempts - 1, available_at = now(), updated_at = now()
-FROM unnest($1::uuid[], $2::int[]) AS held(id, attempt)
-WHERE jobs.id = held.id AND jobs.attempts = held.attempt AND jobs.status = 'processing'
+# What /metrics reports of the queue: each count stops at $1, and the age of the oldest
+# runnable pending job (NULL: none). Cheap with any backlog: index-only scans, one row read.
+COUNT_JOBS = """
+SELECT (SELECT count(*) FROM (SELECT FROM jobs WHERE status = 'pending' LIMIT $1) AS p) AS pending,
+       (SELECT count(*) FROM (SELECT FROM jobs WHERE status = 'processing' LIMIT $1) AS p) AS processing,
+       (SELECT extract(epoch FROM now() - min(available_at)) FROM jobs
+        WHERE status = 'pending' AND available_at <= now()) AS oldest_pending_age
 """
 
+# Send notifications: one per element, all in one transaction.
+NOTIFY = "SELECT pg_notify(channel, payload) FROM unnest($1::text[], $2::text[]) AS n(channel, payload)"
 
-# --- Errors --------------------------------------------------------------------------------
+
+# --- Errors and metrics ----------------------------------------------------------------------
 
 # What "the database is unreachable" looks like from asyncpg: answered with 503, and
-# background loops log it as a warning without a traceback and try again.
+# background loops log it once per outage and try again.
 DATABASE_UNAVAILABLE = (
     OSError,  # refused, reset, unreachable; TimeoutError is one too
     asyncpg.PostgresConnectionError,
@@ -309,12 +361,78 @@ def problem(status: int, detail: str, headers: Mapping[str, str] | None = None) 
     return JSONResponse(body, status, headers=headers, media_type="application/problem+json")
 
 
-def log_failure(what: str, error: BaseException) -> None:
-    """Log a failed background step: briefly for a lost database, with the traceback otherwise."""
-    if isinstance(error, DATABASE_UNAVAILABLE):
-        logger.warning("%s failed, database unavailable: %s", what, error or type(error).__name__)
-    else:
-        logger.error("%s failed", what, exc_info=error)
+def reason(error: BaseException) -> str:
+    """What went wrong, in a few words: "connection refused", not "[Errno 111] Connect call failed"."""
+    if isinstance(error, ConnectionRefusedError | FileNotFoundError):  # a Unix socket with no server: refused
+        return "connection refused"
+    if isinstance(error, TimeoutError):
+        return "timed out"
+    return (error.strerror if isinstance(error, OSError) else None) or str(error) or type(error).__name__
+
+
+class Outage:
+    """Says once that the database is unavailable and once that it is back, however often
+    requests and background steps fail in between. Other errors are logged each time."""
+
+    def __init__(self) -> None:
+        self.since: float | None = None
+
+    def report(self, what: str, error: BaseException) -> None:
+        if not isinstance(error, DATABASE_UNAVAILABLE):
+            logger.error("%s failed", what, exc_info=error)
+        elif self.since is None:
+            self.since = time.monotonic()
+            logger.warning("the database is unavailable (%s: %s); retrying until it is back", what, reason(error))
+
+    def over(self) -> None:
+        if self.since is not None:
+            logger.info("the database is back after %.1fs", time.monotonic() - self.since)
+            self.since = None
+
+
+async def keep_running(what: str, step: Callable[[], Awaitable[None]], outage: Outage) -> None:
+    """Run a background step again and again; a failure is reported, then the step runs again."""
+    while True:
+        try:
+            await step()
+        except Exception as error:
+            outage.report(what, error)
+            await asyncio.sleep(ERROR_BACKOFF_SECONDS)
+
+
+class Metrics:
+    """What /metrics exposes. A registry per app, so that tests can run several apps at once."""
+
+    def __init__(self) -> None:
+        registry = self.registry = CollectorRegistry()
+        slow = (0.01, 0.05, 0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 900, 3600)
+        self.jobs = Gauge(
+            "generations_jobs", f"Jobs in the database by status, all replicas; counted up to {COUNT_LIMIT}, "
+            "so that value means at least that many", ["status"], registry=registry,
+        )  # fmt: skip
+        self.oldest_pending_age = Gauge(
+            "generations_oldest_pending_age_seconds", "Since the oldest pending job became runnable (0: none)",
+            registry=registry,
+        )  # fmt: skip
+        self.jobs_created = Counter("generations_jobs_created", "Jobs created by this process", registry=registry)
+        self.attempts = Counter(
+            "generations_attempts", "Attempts run by this process, by how they ended", ["result"], registry=registry
+        )
+        self.job_wait = Histogram(
+            "generations_job_wait_seconds", "From runnable to claimed", buckets=slow, registry=registry
+        )
+        self.job_run = Histogram("generations_job_run_seconds", "One attempt", buckets=slow, registry=registry)
+        self.requests = Counter(
+            "generations_http_requests", "HTTP requests by route template", ["method", "route", "status"],
+            registry=registry,
+        )  # fmt: skip
+        self.request_duration = Histogram(
+            "generations_http_request_duration_seconds", "HTTP request duration", ["method", "route"],
+            registry=registry,
+        )  # fmt: skip
+        self.listen_connected = Gauge(
+            "generations_listen_connected", "1 while notifications arrive; 0: polling only", registry=registry
+        )
 
 
 # --- The image provider ----------------------------------------------------------------------
@@ -352,63 +470,139 @@ async def keep_session(connection: asyncpg.Connection) -> None:
     """
 
 
-async def open_database(settings: Settings) -> asyncpg.Pool:
-    """Open the pool and apply schema.sql, waiting a little for a database that is starting."""
-    deadline = asyncio.get_running_loop().time() + STARTUP_DATABASE_WAIT_SECONDS
+async def wait_for_database(settings: Settings) -> bool:
+    """Wait up to DATABASE_WAIT_SECONDS for the database to answer, saying so once per try."""
+    address = database_address(settings.database_url)
+    deadline = time.monotonic() + settings.database_wait_seconds
     while True:
-        pool = asyncpg.create_pool(
-            settings.database_url,
-            min_size=settings.db_pool_min_size,
-            max_size=settings.db_pool_max_size,
-            timeout=CONNECT_TIMEOUT_SECONDS,
-            command_timeout=QUERY_TIMEOUT_SECONDS,
-            init=setup_connection,
-            reset=keep_session,
-            server_settings={"application_name": "generations"},
-        )
         try:
-            await pool
-            async with pool.acquire() as connection, connection.transaction():
-                await connection.execute(LOCK_SCHEMA)
-                await connection.execute((HERE / "schema.sql").read_text())
-            return pool
-        except DATABASE_UNAVAILABLE as error:
-            pool.terminate()
-            if asyncio.get_running_loop().time() > deadline:
-                raise
-            logger.warning("waiting for the database: %s", error or type(error).__name__)
+            await (await asyncpg.connect(settings.database_url, timeout=CONNECT_TIMEOUT_SECONDS)).close()
+            return True
+        except (*DATABASE_UNAVAILABLE, asyncpg.PostgresError) as error:
+            if not isinstance(error, DATABASE_UNAVAILABLE) or time.monotonic() > deadline:
+                logger.error("cannot use the database at %s (%s); exiting", address, reason(error))
+                return False
+            logger.warning("waiting for the database at %s: %s", address, reason(error))
             await asyncio.sleep(ERROR_BACKOFF_SECONDS)
-        except BaseException:
-            pool.terminate()
-            raise
+
+
+async def open_pool(settings: Settings) -> asyncpg.Pool:
+    """The connection pool, with the schema brought up to date."""
+    pool = await asyncpg.create_pool(
+        settings.database_url,
+        min_size=settings.db_pool_min_size,
+        max_size=settings.db_pool_max_size,
+        timeout=CONNECT_TIMEOUT_SECONDS,
+        command_timeout=QUERY_TIMEOUT_SECONDS,
+        statement_cache_size=settings.db_statement_cache_size,
+        init=setup_connection,
+        reset=keep_session,
+        server_settings={"application_name": "generations"},
+    )
+    try:
+        await apply_schema(pool)
+    except BaseException:
+        pool.terminate()
+        raise
+    return pool
+
+
+async def apply_schema(pool: asyncpg.Pool) -> None:
+    """Apply schema.sql unless the database already has this very file: then no lock is taken."""
+    schema = (HERE / "schema.sql").read_text()
+    version = hashlib.sha256(schema.encode()).hexdigest()[:16]
+    async with pool.acquire() as connection:
+        while await schema_version(connection) != version:
+            try:
+                async with connection.transaction():
+                    await connection.execute(LOCK_SCHEMA)
+                    await connection.execute(LIMIT_LOCK_WAIT)
+                    await connection.execute(schema)
+                    await connection.execute(SET_SCHEMA_VERSION, version)
+                logger.info("applied schema.sql (version %s)", version)
+            except asyncpg.LockNotAvailableError:
+                logger.warning("schema.sql waits for other transactions on the jobs table; trying again")
+                await asyncio.sleep(ERROR_BACKOFF_SECONDS)
+
+
+async def schema_version(connection: asyncpg.Connection) -> str | None:
+    with contextlib.suppress(asyncpg.UndefinedTableError):
+        return await connection.fetchval(SELECT_SCHEMA_VERSION)
+    return None
+
+
+async def delete_expired_jobs(pool: asyncpg.Pool, retention_seconds: float) -> None:
+    """Delete the jobs that ended longer ago than JOB_RETENTION_SECONDS, a batch at a time."""
+    await asyncio.sleep(RETENTION_INTERVAL_SECONDS)
+    while await pool.execute(DELETE_EXPIRED_JOBS, retention_seconds, RETENTION_BATCH_SIZE) == (
+        f"DELETE {RETENTION_BATCH_SIZE}"
+    ):
+        pass
 
 
 # --- Notifications -------------------------------------------------------------------------
 
 
 class Notifications:
-    """The process's one LISTEN connection (schema.sql's triggers send on it).
+    """The process's notifications through PostgreSQL, both ways.
 
-    `generations_new` wakes the worker; `generations_done` wakes the long polls waiting on
-    that job. Pool connections cannot LISTEN (their listeners are dropped on release), so
-    this connection is its own, and is made again whenever it is lost.
+    Out: new runnable jobs and ended jobs are announced after they commit, by one background
+    sender that coalesces whatever piled up meanwhile into one transaction. (A NOTIFY inside
+    the inserting transaction would make concurrent inserts commit one at a time.)
+    In: one LISTEN connection of its own (pool connections drop their listeners on release),
+    made again whenever it is lost. `generations_new` wakes the worker; `generations_done`
+    carries the ids of ended jobs and wakes the long polls waiting on them. Every few seconds
+    it pings itself through the pool: when the ping does not arrive (PgBouncer in transaction
+    mode, say), it says so, and the worker relies on polling.
     """
 
-    def __init__(self, settings: Settings, on_new_job: Callable[[], None]) -> None:
-        self.settings = settings
-        self.on_new_job = on_new_job
+    def __init__(self, settings: Settings, pool: asyncpg.Pool, metrics: Metrics, outage: Outage) -> None:
+        self.url = settings.listen_database_url or settings.database_url
+        self.poll_interval = settings.worker_poll_interval
+        self.pool, self.metrics, self.outage = pool, metrics, outage
+        self.on_new_job: Callable[[], None] = lambda: None
         self.waiters: dict[str, set[asyncio.Event]] = {}
-        self.task: asyncio.Task[None] | None = None
+        self.new_jobs = False
+        self.ended_jobs: list[str] = []
+        self.outbox = asyncio.Event()
+        self.nonce = uuid.uuid4().hex
+        self.arriving = True  # at the last ping; a change is logged
 
-    def start(self) -> None:
-        """Start listening in the background."""
-        self.task = asyncio.create_task(self._listen_forever(), name="notifications")
+    def jobs_created(self) -> None:
+        self.on_new_job()  # this process's worker need not wait for the notification to come back
+        self.new_jobs = True
+        self.outbox.set()
 
-    async def stop(self) -> None:
-        """Stop listening and close the connection."""
-        if self.task:
-            self.task.cancel()
-            await asyncio.gather(self.task, return_exceptions=True)
+    def jobs_ended(self, job_ids: Iterable[uuid.UUID]) -> None:
+        self.ended_jobs += map(str, job_ids)
+        self.outbox.set()
+
+    async def send(self) -> None:
+        """Wait for something to announce, then announce everything that is waiting."""
+        await self.outbox.wait()
+        await self.flush()
+
+    async def flush(self) -> None:
+        self.outbox.clear()
+        new, ended = self.new_jobs, self.ended_jobs
+        self.new_jobs, self.ended_jobs = False, []
+        payloads = [
+            " ".join(ended[i : i + JOB_IDS_PER_NOTIFICATION]) for i in range(0, len(ended), JOB_IDS_PER_NOTIFICATION)
+        ]
+        channels = ["generations_done"] * len(payloads) + ["generations_new"] * new
+        if not channels:
+            return
+        try:
+            await self.pool.execute(NOTIFY, channels, payloads + [""] * new)
+        except BaseException:  # keep them for the next try
+            self.new_jobs |= new
+            self.ended_jobs[:0] = ended
+            raise
+
+    def wake_all_waiters(self) -> None:
+        for events in self.waiters.values():
+            for event in events:
+                event.set()
 
     @contextlib.contextmanager
     def watch(self, job_id: uuid.UUID) -> Iterator[asyncio.Event]:
@@ -423,45 +617,53 @@ class Notifications:
             if not events:
                 del self.waiters[str(job_id)]
 
-    async def _listen_forever(self) -> None:
-        """Listen; after any failure, wait a moment and listen again."""
-        while True:
-            try:
-                await self._listen()
-                logger.warning("the notification connection was lost; reconnecting")
-            except Exception as error:
-                log_failure("listening for notifications", error)
-            await asyncio.sleep(ERROR_BACKOFF_SECONDS)
-
-    async def _listen(self) -> None:
-        """Listen on one connection until it is lost."""
+    async def listen(self) -> None:
+        """Listen on one connection until it is lost, or until notifications stop arriving on it."""
         connection = await asyncpg.connect(
-            self.settings.database_url,
-            timeout=CONNECT_TIMEOUT_SECONDS,
-            server_settings={"application_name": "generations-listen"},  # easy to find in pg_stat_activity
+            self.url, timeout=CONNECT_TIMEOUT_SECONDS, server_settings={"application_name": "generations-listen"}
         )
         try:
-            lost = asyncio.Event()
+            lost, pong = asyncio.Event(), asyncio.Event()
             connection.add_termination_listener(lambda _: lost.set())
             await connection.add_listener("generations_new", lambda *_: self.on_new_job())
-            await connection.add_listener("generations_done", self._job_done)
+            await connection.add_listener("generations_done", self._jobs_done)
+            await connection.add_listener("generations_ping", lambda *args: args[3] == self.nonce and pong.set())
             # Whatever was sent while we were not listening is lost: look again now.
             self.on_new_job()
-            for events in self.waiters.values():
-                for event in events:
-                    event.set()
+            self.wake_all_waiters()
             while not lost.is_set():
+                pong.clear()
+                await self.pool.execute(NOTIFY, ["generations_ping"], [self.nonce])
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(lost.wait(), LISTEN_KEEPALIVE_SECONDS)
-                if not lost.is_set():
-                    await connection.execute("SELECT 1", timeout=QUERY_TIMEOUT_SECONDS)
+                    await asyncio.wait_for(pong.wait(), QUERY_TIMEOUT_SECONDS)
+                self._note_arriving(pong.is_set())
+                if not pong.is_set():
+                    return
+                self.outage.over()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(lost.wait(), LISTEN_CHECK_SECONDS)
+            logger.warning("the notification connection was lost; reconnecting")
         finally:
+            self.metrics.listen_connected.set(0)
             connection.terminate()
 
-    def _job_done(self, connection: object, pid: int, channel: str, job_id: str) -> None:
-        """Wake the long polls waiting on this job."""
-        for event in self.waiters.get(job_id, ()):
-            event.set()
+    def _note_arriving(self, arriving: bool) -> None:
+        """Set the gauge, and log when notifications stop or start arriving."""
+        self.metrics.listen_connected.set(arriving)
+        if arriving != self.arriving:
+            if arriving:
+                logger.info("notifications arrive again")
+            else:
+                logger.warning(
+                    "notifications do not arrive on LISTEN_DATABASE_URL (%s; a PgBouncer in transaction mode?);"
+                    " polling every %gs instead", database_address(self.url), self.poll_interval,
+                )  # fmt: skip
+        self.arriving = arriving
+
+    def _jobs_done(self, connection: object, pid: int, channel: str, payload: str) -> None:
+        for job_id in payload.split():
+            for event in self.waiters.get(job_id, ()):
+                event.set()
 
 
 # --- The worker ----------------------------------------------------------------------------
@@ -473,6 +675,12 @@ class Claim(NamedTuple):
     job_id: uuid.UUID
     attempt: int
     num_images: int
+
+
+def fenced(claims: Iterable[Claim]) -> tuple[list[uuid.UUID], list[int]]:
+    """The ids and attempts of claims, sorted by id (see EXTEND_LEASES), for a fenced statement."""
+    ordered = sorted(claims)
+    return [claim.job_id for claim in ordered], [claim.attempt for claim in ordered]
 
 
 def checked_urls(urls: object, num_images: int) -> list[str]:
@@ -507,161 +715,168 @@ class Worker:
     way goes in the next one.
     """
 
-    def __init__(self, pool: asyncpg.Pool, settings: Settings) -> None:
-        self.pool = pool
-        self.settings = settings
+    def __init__(
+        self, pool: asyncpg.Pool, settings: Settings, notifications: Notifications, metrics: Metrics, outage: Outage
+    ) -> None:
+        self.pool, self.settings, self.notifications, self.metrics, self.outage = (
+            pool, settings, notifications, metrics, outage,
+        )  # fmt: skip
         self.held: dict[Claim, asyncio.Task[None]] = {}
         self.finished: list[tuple[Claim, str, list[str]]] = []
         self.wakeup = asyncio.Event()
         self.results_ready = asyncio.Event()
+        self.writing = asyncio.Lock()
         self.stopping = asyncio.Event()
-        self.task: asyncio.Task[None] | None = None
+        notifications.on_new_job = self.wakeup.set
 
-    def start(self) -> None:
-        """Start working in the background."""
-        self.task = asyncio.create_task(self.run(), name="worker")
+    def start(self) -> list[asyncio.Task[None]]:
+        return [
+            asyncio.create_task(self.claim_until_stopped(), name="worker"),
+            asyncio.create_task(
+                keep_running("recording completed jobs", self.write_results, self.outage), name="writer"
+            ),
+            asyncio.create_task(keep_running("extending leases", self.keep_leases, self.outage), name="lease keeper"),
+        ]
 
     def stop_claiming(self) -> None:
-        """Claim nothing more; running jobs go on."""
         self.stopping.set()
         self.wakeup.set()
 
-    async def stop(self) -> None:
+    async def stop(self, tasks: list[asyncio.Task[None]]) -> None:
         """Stop claiming, let running jobs finish within the grace period, hand back the rest."""
+        claimer, writer, keeper = tasks
         self.stop_claiming()
-        if self.task:
-            await asyncio.gather(self.task, return_exceptions=True)
-
-    def wake(self) -> None:
-        """Look for due jobs now rather than at the next poll."""
-        self.wakeup.set()
-
-    async def run(self) -> None:
-        """Claim and run jobs until stopped; then finish, write and hand back what is left."""
-        writer = asyncio.create_task(self._write_results_forever(), name="worker results")
-        keeper = asyncio.create_task(self._keep_leases_forever(), name="worker leases")
+        await asyncio.gather(claimer, return_exceptions=True)
+        await self.let_running_jobs_finish()
+        async with self.writing:  # a write cut in half may still commit: let it end first
+            writer.cancel()
+        keeper.cancel()
+        await asyncio.gather(writer, keeper, return_exceptions=True)
         try:
-            await self._claim_until_stopped()
-            await self._let_running_jobs_finish()
-        finally:
-            for task in (writer, keeper):
-                task.cancel()
-            await asyncio.gather(writer, keeper, return_exceptions=True)
-            await self._write_results()
-            await self._hand_back()
+            await self.complete(self.finished[:])
+            await self.retry_or_fail(list(self.held), "the attempt was interrupted by a shutdown", handing_back=True)
+        except Exception as error:  # their leases will run out and they will be claimed again
+            self.outage.report("recording jobs at shutdown", error)
 
-    async def _claim_until_stopped(self) -> None:
+    async def claim_until_stopped(self) -> None:
         """Fill free slots with due jobs; sleep until woken or the poll interval passes."""
         while not self.stopping.is_set():
             self.wakeup.clear()
             free = self.settings.worker_concurrency - len(self.held)
-            claims: list[Claim] = []
             if free > 0:
                 try:
-                    claims = await self._claim(free)
+                    claimed = await self.claim(free)
                 except Exception as error:
-                    log_failure("claiming jobs", error)
+                    self.outage.report("claiming jobs", error)
                     await asyncio.sleep(ERROR_BACKOFF_SECONDS)
                     continue
-            for claim in claims:
-                self.held[claim] = asyncio.create_task(self._run_job(claim))
-            if free == 0 or len(claims) < free:  # otherwise more may be waiting: claim again
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.wakeup.wait(), self.settings.worker_poll_interval)
+                self.outage.over()
+                if claimed == free:  # more may be waiting
+                    continue
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.wakeup.wait(), self.settings.worker_poll_interval)
 
-    async def _claim(self, limit: int) -> list[Claim]:
-        """Claim up to `limit` due jobs."""
-        rows = await self.pool.fetch(CLAIM_JOBS, limit, self.settings.job_lease_seconds, self.settings.max_attempts)
-        return [Claim(row["id"], row["attempts"], row["num_images"]) for row in rows]
+    async def claim(self, limit: int) -> int:
+        """Claim up to `limit` due jobs and start them; fail those with no attempt left."""
+        settings = self.settings
+        rows = await self.pool.fetch(CLAIM_JOBS, limit, settings.job_lease_seconds, settings.max_attempts)
+        for row in rows:
+            if row["runnable"]:
+                claim = Claim(row["id"], row["attempts"], row["num_images"])
+                self.held[claim] = asyncio.create_task(self.run_job(claim))
+                self.metrics.job_wait.observe(float(row["waited"]))
+        self.notifications.jobs_ended(row["id"] for row in rows if not row["runnable"])
+        return len(rows)
 
-    async def _run_job(self, claim: Claim) -> None:
+    async def run_job(self, claim: Claim) -> None:
         """Run one attempt: its result joins the next batch; a failure is recorded at once."""
+        log_context.set({"job_id": str(claim.job_id), "attempt": claim.attempt})
         animal = random.choice(ANIMALS)
         logger.debug("job %s attempt %d: generating %d %s images", *claim, animal)
+        timeout = self.settings.job_timeout_seconds
         try:
-            urls = checked_urls(await generate_images(animal, claim.num_images, self.settings), claim.num_images)
-        except Exception as error:  # whatever the provider raises, the attempt failed
-            logger.warning("job %s attempt %d failed: %s", claim.job_id, claim.attempt, error)
-            await self._record_failure(claim, storable(f"{type(error).__name__}: {error}"))
+            with self.metrics.job_run.time():
+                async with asyncio.timeout(timeout):
+                    urls = await generate_images(animal, claim.num_images, self.settings)
+            self.finished.append((claim, animal, checked_urls(urls, claim.num_images)))
+            self.results_ready.set()
             return
-        self.finished.append((claim, animal, urls))
-        self.results_ready.set()
-
-    async def _record_failure(self, claim: Claim, error: str) -> None:
-        """Send the job back for a retry after a backoff, or fail it when out of attempts."""
+        except TimeoutError:
+            error, result = f"the attempt timed out after {timeout:g}s (JOB_TIMEOUT_SECONDS)", "timed_out"
+        except Exception as provider_error:  # whatever the provider raises, the attempt failed
+            error, result = storable(f"{type(provider_error).__name__}: {provider_error}"), None
+        logger.warning("job %s attempt %d failed: %s", claim.job_id, claim.attempt, error)
         try:
-            status = await self.pool.fetchval(
-                RETRY_OR_FAIL_JOB, claim.job_id, claim.attempt, self.settings.max_attempts,
-                error, retry_delay(claim.attempt),
-            )  # fmt: skip
-            if status is None:
-                logger.warning("job %s attempt %d: failure not recorded, the claim was lost", *claim[:2])
+            await self.retry_or_fail([claim], error, result=result)
         except Exception as db_error:  # the lease will run out and the job will be claimed again
-            log_failure(f"recording the failure of job {claim.job_id}", db_error)
-        self._release(claim)
+            self.outage.report(f"recording the failure of job {claim.job_id}", db_error)
+        self.release(claim)
 
-    async def _write_results_forever(self) -> None:
-        """Write finished jobs as they come, batching whatever piles up during a write."""
-        while True:
-            await self.results_ready.wait()
+    async def retry_or_fail(
+        self, claims: list[Claim], error: str, result: str | None = None, handing_back: bool = False
+    ) -> None:
+        """Send jobs back to pending (after a backoff, unless handing back) or fail those out of attempts."""
+        if not claims:
+            return
+        ids, attempts = fenced(claims)
+        delays = [0.0 if handing_back else retry_delay(attempt) for attempt in attempts]
+        rows = await self.pool.fetch(RETRY_OR_FAIL_JOBS, ids, attempts, self.settings.max_attempts, error, delays)
+        for row in rows:
+            retried = row["status"] == "pending"
+            self.metrics.attempts.labels(
+                result or ("handed_back" if handing_back else "retried" if retried else "failed")
+            ).inc()
+        self.metrics.attempts.labels("lost").inc(len(claims) - len(rows))
+        failed = [row["id"] for row in rows if row["status"] == "failed"]
+        if handing_back:
+            logger.info(
+                "shutting down: handed %d unfinished jobs back to the queue, failed %d that had no attempt left",
+                len(rows) - len(failed), len(failed),
+            )  # fmt: skip
+        self.notifications.jobs_ended(failed)
+        if any(row["status"] == "pending" and row["delay"] == 0 for row in rows):
+            self.notifications.jobs_created()
+
+    async def write_results(self) -> None:
+        """Wait for finished jobs, then write all of them at once."""
+        if not self.finished:
             self.results_ready.clear()
-            if not await self._write_results():
-                await asyncio.sleep(ERROR_BACKOFF_SECONDS)
-                self.results_ready.set()
+            await self.results_ready.wait()
+        async with self.writing:
+            await self.complete(self.finished[:])
 
-    async def _write_results(self) -> bool:
-        """Write every finished job in one statement; False if it could not be written."""
-        batch = self.finished[:]
+    async def complete(self, batch: list[tuple[Claim, str, list[str]]]) -> None:
+        """Record finished jobs as completed in one statement; release their slots."""
         if not batch:
-            return True
+            return
         ordered = sorted(batch)  # by job id: see EXTEND_LEASES
-        try:
-            written = await self.pool.fetch(
-                COMPLETE_JOBS,
-                [claim.job_id for claim, _, _ in ordered],
-                [claim.attempt for claim, _, _ in ordered],
-                [animal for _, animal, _ in ordered],
-                [json.dumps(urls) for _, _, urls in ordered],
-            )
-        except Exception as error:
-            log_failure("recording completed jobs", error)
-            return False
+        ids, attempts = fenced(claim for claim, _, _ in ordered)
+        animals, urls = [animal for _, animal, _ in ordered], [json.dumps(urls) for _, _, urls in ordered]
+        written = {
+            (row["id"], row["attempts"]) for row in await self.pool.fetch(COMPLETE_JOBS, ids, attempts, animals, urls)
+        }
         del self.finished[: len(batch)]
-        kept = {(row["id"], row["attempts"]) for row in written}
         for claim, _, _ in batch:
-            if (claim.job_id, claim.attempt) not in kept:
+            if (claim.job_id, claim.attempt) in written:
+                self.metrics.attempts.labels("completed").inc()
+            else:
+                self.metrics.attempts.labels("lost").inc()
                 logger.warning("job %s attempt %d: result dropped, the claim was lost", *claim[:2])
-            self._release(claim)
-        return True
+            self.release(claim)
+        self.notifications.jobs_ended(job_id for job_id, _ in written)
 
-    def _release(self, claim: Claim) -> None:
+    def release(self, claim: Claim) -> None:
         """Free the claim's slot, and look for more work."""
         self.held.pop(claim, None)
         self.wakeup.set()
 
-    async def _keep_leases_forever(self) -> None:
-        """Extend held leases three times per lease period; fail jobs abandoned for good."""
-        while True:
-            await asyncio.sleep(self.settings.job_lease_seconds / 3)
-            try:
-                await self._extend_leases()
-                await self.pool.execute(
-                    FAIL_ABANDONED_JOBS, self.settings.max_attempts, self.settings.job_lease_seconds
-                )
-            except Exception as error:
-                log_failure("extending leases", error)
-
-    async def _extend_leases(self) -> None:
-        """Extend the lease of every held job; stop working on those that are no longer ours."""
+    async def keep_leases(self) -> None:
+        """Every third of a lease, extend the leases of held jobs; stop those no longer ours."""
+        await asyncio.sleep(self.settings.job_lease_seconds / 3)
         claims = sorted(self.held)
         if not claims:
             return
-        rows = await self.pool.fetch(
-            EXTEND_LEASES,
-            [claim.job_id for claim in claims],
-            [claim.attempt for claim in claims],
-            self.settings.job_lease_seconds,
-        )
+        rows = await self.pool.fetch(EXTEND_LEASES, *fenced(claims), self.settings.job_lease_seconds)
         kept = {(row["id"], row["attempts"]) for row in rows}
         for claim in claims:
             task = self.held.get(claim)
@@ -669,9 +884,10 @@ class Worker:
             if (claim.job_id, claim.attempt) not in kept and task and not task.done():
                 logger.warning("job %s attempt %d: claim lost (cancelled or taken over), stopping it", *claim[:2])
                 task.cancel()
-                self._release(claim)
+                self.metrics.attempts.labels("lost").inc()
+                self.release(claim)
 
-    async def _let_running_jobs_finish(self) -> None:
+    async def let_running_jobs_finish(self) -> None:
         """Give running jobs up to the shutdown grace period, then cancel what is left."""
         running = [task for task in self.held.values() if not task.done()]
         if not running:
@@ -683,29 +899,13 @@ class Worker:
             task.cancel()
         await asyncio.gather(*unfinished, return_exceptions=True)
 
-    async def _hand_back(self) -> None:
-        """Return every job still held to the queue, so another worker starts it at once."""
-        claims = sorted(self.held)
-        if not claims:
-            return
-        try:
-            await self.pool.execute(
-                HAND_BACK_JOBS, [claim.job_id for claim in claims], [claim.attempt for claim in claims]
-            )
-            logger.info("shutting down: handed %d unfinished jobs back to the queue", len(claims))
-        except Exception as error:  # their leases will run out and they will be claimed again
-            log_failure("handing back unfinished jobs", error)
-        self.held.clear()
-
 
 # --- HTTP ----------------------------------------------------------------------------------
 
 
 def rfc3339(moment: datetime | None) -> str | None:
     """A timestamp as RFC 3339 in UTC, like 2026-11-26T13:00:00.123456Z."""
-    if moment is None:
-        return None
-    return moment.astimezone(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+    return moment and moment.astimezone(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
 def job_json(job: asyncpg.Record) -> dict[str, Any]:
@@ -729,40 +929,43 @@ def job_response(job: asyncpg.Record, status: int = 200) -> JSONResponse:
     return JSONResponse(job_json(job), status, headers={"Location": f"/generations/{job['id']}"})
 
 
-def is_json(content_type: str | None) -> bool:
-    """True for application/json and application/*+json, whatever the parameters."""
-    media_type = (content_type or "").split(";", 1)[0].strip().lower()
-    return media_type == "application/json" or (media_type.startswith("application/") and media_type.endswith("+json"))
+def refuse_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
 
 
-async def read_num_images(request: Request, maximum: int) -> int:
-    """The validated numImages of a POST body."""
+async def read_json(request: Request) -> Any:
+    """The POST body as JSON. Not request.json(): it would read a body of any size and take NaN."""
     body = b""
     async for chunk in request.stream():  # stop reading as soon as the body is too large
         body += chunk
         if len(body) > MAX_BODY_BYTES:
             raise HTTPException(413, f"The request body is larger than {MAX_BODY_BYTES // 1024} KiB.")
-    if not is_json(request.headers.get("content-type")):
+    kind, _, subtype = request.headers.get("content-type", "").split(";", 1)[0].strip().lower().partition("/")
+    if kind != "application" or not (subtype == "json" or subtype.endswith("+json")):
         raise HTTPException(415, "Send the body as JSON, with Content-Type: application/json.")
     try:
         # Python refuses integers over 4,300 digits; cut them to 30, still far out of range.
-        payload = json.loads(body, parse_int=lambda digits: int(digits[:30]))
+        return json.loads(body, parse_int=lambda digits: int(digits[:30]), parse_constant=refuse_constant)
     except (ValueError, RecursionError):
         raise HTTPException(400, 'The body is not valid JSON; send {"numImages": 3}.') from None
-    if not isinstance(payload, dict):
-        raise HTTPException(422, 'The body must be a JSON object, such as {"numImages": 3}.')
-    if "numImages" not in payload:
-        raise HTTPException(422, f"numImages is required: an integer between 1 and {maximum}.")
-    num_images = payload["numImages"]
+
+
+def read_num_images(item: object, maximum: int, where: str = "") -> int:
+    """The validated numImages of one job; `where` names the job within a batch, like jobs[3]."""
+    name = f"{where}.numImages" if where else "numImages"
+    if not isinstance(item, dict):
+        raise HTTPException(422, f'{where or "The body"} must be a JSON object, such as {{"numImages": 3}}.')
+    if "numImages" not in item:
+        raise HTTPException(422, f"{name} is required: an integer between 1 and {maximum}.")
+    num_images = item["numImages"]
     if type(num_images) is not int:  # not bool, float or string
-        raise HTTPException(422, f"numImages must be an integer between 1 and {maximum}.")
+        raise HTTPException(422, f"{name} must be an integer between 1 and {maximum}.")
     if not 1 <= num_images <= maximum:
-        raise HTTPException(400, f"numImages must be between 1 and {maximum}")
+        raise HTTPException(400, f"{name} must be between 1 and {maximum}")
     return num_images
 
 
 def read_idempotency_key(request: Request) -> str | None:
-    """The Idempotency-Key header, if the client sent one."""
     key = request.headers.get("idempotency-key")
     if key is not None and not 1 <= len(key) <= MAX_IDEMPOTENCY_KEY_LENGTH:
         raise HTTPException(400, f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY_LENGTH} characters long.")
@@ -792,7 +995,6 @@ def read_wait(request: Request) -> float | None:
 
 
 def read_page_size(request: Request) -> int:
-    """The ?limit= of a listing."""
     raw = request.query_params.get("limit", str(DEFAULT_PAGE_SIZE))
     if not (raw.isdecimal() and len(raw) <= 3 and 1 <= int(raw) <= MAX_PAGE_SIZE):
         raise HTTPException(400, f"limit must be an integer between 1 and {MAX_PAGE_SIZE}.")
@@ -805,8 +1007,10 @@ def encode_cursor(job: asyncpg.Record) -> str:
     return base64.urlsafe_b64encode(position.encode()).decode().rstrip("=")
 
 
-def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
-    """The position an `encode_cursor` cursor points at."""
+def decode_cursor(cursor: str | None) -> tuple[datetime, uuid.UUID]:
+    """The position a cursor points at; no cursor: the end of time, before every job."""
+    if cursor is None:
+        return datetime.max.replace(tzinfo=UTC), uuid.UUID(int=2**128 - 1)
     try:
         created_at, job_id = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode().split("|")
         moment = datetime.fromisoformat(created_at)
@@ -818,7 +1022,6 @@ def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
 
 
 async def wait_until_disconnected(request: Request) -> None:
-    """Return when the client goes away."""
     while (await request.receive())["type"] != "http.disconnect":
         pass
 
@@ -828,48 +1031,69 @@ async def wait_for_job(request: Request, job_id: uuid.UUID, seconds: float) -> a
     leaves. No database connection is held while waiting."""
     state = request.state
     deadline = asyncio.get_running_loop().time() + seconds
-    stop_waiting = [
-        asyncio.create_task(wait_until_disconnected(request)),
-        asyncio.create_task(state.shutting_down.wait()),
-    ]
+    disconnected = asyncio.create_task(wait_until_disconnected(request))
     try:
         with state.notifications.watch(job_id) as maybe_ended:
             while True:
                 maybe_ended.clear()
                 job = await state.pool.fetchrow(SELECT_JOB, job_id)
                 remaining = deadline - asyncio.get_running_loop().time()
-                ended = job is None or job["status"] in TERMINAL_STATUSES
-                if ended or remaining <= 0 or any(task.done() for task in stop_waiting):
+                if job is None or job["status"] in TERMINAL_STATUSES or remaining <= 0:
+                    return job
+                if disconnected.done() or state.shutting_down.is_set():
                     return job
                 woken = asyncio.create_task(maybe_ended.wait())
-                await asyncio.wait({woken, *stop_waiting}, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait({woken, disconnected}, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
                 woken.cancel()
     finally:
-        for task in stop_waiting:
-            task.cancel()
+        disconnected.cancel()
+
+
+async def insert_jobs(request: Request, sizes: list[int], batch: bool) -> tuple[list[asyncpg.Record], int]:
+    """Create the jobs of one request (202), or find those an earlier request with the same
+    Idempotency-Key made (200; 409 if that request asked for something else)."""
+    state = request.state
+    key = read_idempotency_key(request)
+    try:
+        jobs = await state.pool.fetch(INSERT_JOBS, sizes, key, batch)
+    except asyncpg.UniqueViolationError:  # the key was used before: the same request gets the same jobs
+        jobs = await state.pool.fetch(SELECT_JOBS_BY_KEY, key)
+        if [(job["batch_index"], job["num_images"]) for job in jobs] != [
+            (position if batch else None, size) for position, size in enumerate(sizes)
+        ]:
+            raise HTTPException(409, "This Idempotency-Key was used with a different body; use a new key.") from None
+        return jobs, 200
+    state.metrics.jobs_created.inc(len(jobs))
+    state.notifications.jobs_created()
+    return sorted(jobs, key=lambda job: job["batch_index"] or 0), 202
 
 
 async def create_generation(request: Request) -> Response:
     """POST /generations: queue a job, or replay the one made with this Idempotency-Key."""
-    state = request.state
-    num_images = await read_num_images(request, state.settings.max_images_per_job)
-    key = read_idempotency_key(request)
-    job = await state.pool.fetchrow(INSERT_JOB, num_images, key)
-    if job is None:  # the key was used before: the same request gets the same job
-        job = await state.pool.fetchrow(SELECT_JOB_BY_IDEMPOTENCY_KEY, key)
-        if job["num_images"] != num_images:
-            raise HTTPException(409, "This Idempotency-Key was used with a different body; use a new key.")
-        return job_response(job, 200)
-    if state.worker:
-        state.worker.wake()  # no need to wait for our own notification to come back
-    return job_response(job, 202)
+    num_images = read_num_images(await read_json(request), request.state.settings.max_images_per_job)
+    (job,), status = await insert_jobs(request, [num_images], batch=False)
+    return job_response(job, status)
+
+
+async def create_batch(request: Request) -> Response:
+    """POST /generations/batch: validate every job first, then queue them all in one statement."""
+    body = await read_json(request)
+    items = body.get("jobs") if isinstance(body, dict) else None
+    if not isinstance(items, list):
+        raise HTTPException(
+            422, 'The body must be a JSON object with a list of jobs, such as {"jobs": [{"numImages": 3}]}.'
+        )
+    if not 1 <= len(items) <= MAX_BATCH_SIZE:
+        raise HTTPException(400, f"jobs must hold between 1 and {MAX_BATCH_SIZE} jobs, not {len(items)}.")
+    maximum = request.state.settings.max_images_per_job
+    sizes = [read_num_images(item, maximum, f"jobs[{i}]") for i, item in enumerate(items)]
+    jobs, status = await insert_jobs(request, sizes, batch=True)
+    return JSONResponse({"jobs": [job_json(job) for job in jobs]}, status)
 
 
 async def generations(request: Request) -> Response:
-    """/generations: POST creates a job, GET lists them."""
-    if request.method == "POST":
-        return await create_generation(request)
-    return await list_generations(request)
+    """/generations: POST creates a job, GET lists them (one route, so that 405 lists both)."""
+    return await (create_generation if request.method == "POST" else list_generations)(request)
 
 
 async def get_generation(request: Request) -> Response:
@@ -891,9 +1115,12 @@ async def list_generations(request: Request) -> Response:
     if status is not None and status not in STATUSES:
         raise HTTPException(400, f"status must be one of: {', '.join(STATUSES)}.")
     limit = read_page_size(request)
-    cursor = request.query_params.get("cursor")
-    after_created, after_id = decode_cursor(cursor) if cursor is not None else (None, None)
-    rows = await request.state.pool.fetch(LIST_JOBS, status, after_created, after_id, limit + 1)
+    after = decode_cursor(request.query_params.get("cursor"))
+    pool = request.state.pool
+    if status:
+        rows = await pool.fetch(LIST_JOBS_WITH_STATUS, *after, limit + 1, status)
+    else:
+        rows = await pool.fetch(LIST_JOBS, *after, limit + 1)
     page = rows[:limit]
     headers = {}
     if len(rows) > limit:
@@ -914,6 +1141,7 @@ async def cancel_generation(request: Request) -> Response:
         raise HTTPException(
             409, f"The job is already {job['status']}; only pending or processing jobs can be cancelled."
         )
+    request.state.notifications.jobs_ended([job_id])
     return job_response(job)
 
 
@@ -923,20 +1151,30 @@ async def health(request: Request) -> Response:
 
 
 async def ready(request: Request) -> Response:
-    """GET /ready: the database answers and the worker runs (when there is one)."""
+    """GET /ready: the database answers, and every background task runs."""
     state = request.state
     down = []
     try:
         await state.pool.fetchval("SELECT 1", timeout=CONNECT_TIMEOUT_SECONDS)
     except Exception as error:
-        down.append(f"the database is unavailable ({error or type(error).__name__})")
-    if state.worker and (state.worker.task is None or state.worker.task.done()):
-        down.append("the worker is not running")
+        address = database_address(state.settings.database_url)
+        down.append(f"the database at {address} is unavailable ({reason(error)})")
+    down += [f"the {task.get_name()} is not running" for task in state.background if task.done()]
     if state.shutting_down.is_set():
         down.append("the service is shutting down")
     if down:
-        return problem(503, "Not ready: " + "; ".join(down) + ".")
+        return problem(503, "Not ready: " + "; ".join(down) + ".", {"Retry-After": "2"})
     return JSONResponse({"status": "ready", "version": VERSION})
+
+
+async def prometheus_metrics(request: Request) -> Response:
+    """GET /metrics: the Prometheus text format; the queue's gauges are read from the database now."""
+    state = request.state
+    counts = await state.pool.fetchrow(COUNT_JOBS, COUNT_LIMIT)
+    state.metrics.jobs.labels("pending").set(counts["pending"])
+    state.metrics.jobs.labels("processing").set(counts["processing"])
+    state.metrics.oldest_pending_age.set(counts["oldest_pending_age"] or 0)
+    return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
 async def root(request: Request) -> Response:
@@ -946,12 +1184,11 @@ async def root(request: Request) -> Response:
 
 
 async def openapi(request: Request) -> Response:
-    """GET /openapi.json: the API description (openapi.json next to this file)."""
     return JSONResponse(request.state.openapi)
 
 
 async def http_error(request: Request, error: HTTPException) -> Response:
-    """Routing and validation errors as problem responses."""
+    """Routing and validation errors as problem responses, with a detail a person can act on."""
     detail = error.detail
     if error.status_code == 404 and detail == "Not Found":
         detail = f"There is no {request.url.path}; the endpoints are listed at /openapi.json."
@@ -962,26 +1199,43 @@ async def http_error(request: Request, error: HTTPException) -> Response:
 
 async def database_unavailable(request: Request, error: Exception) -> Response:
     """A lost database is a 503 the client can retry, not a 500."""
-    logger.warning("%s %s: database unavailable: %s", request.method, request.url.path, error or type(error).__name__)
+    request.state.outage.report(f"{request.method} {request.url.path}", error)
     return problem(503, "The database is unavailable right now; retry in a few seconds.", {"Retry-After": "2"})
 
 
 async def internal_error(request: Request, error: Exception) -> Response:
     """Log an unexpected error with a request id the client can quote; leak nothing."""
-    request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
-    logger.error("request %s: %s %s failed", request_id, request.method, request.url.path, exc_info=error)
+    request_id = log_context.get().get("request_id")
+    logger.error("%s %s failed", request.method, request.url.path, exc_info=error)
     return problem(500, f"Something went wrong on our side; quote request id {request_id} when reporting it.")
 
 
-class ProblemCORSMiddleware(CORSMiddleware):
-    """Starlette's CORS, with a refused preflight answered as a problem like every other error."""
+class Observe:
+    """Count and time every request by its route template (never an id), and give its log lines
+    a request id: the client's X-Request-ID, or a new one."""
 
-    def preflight_response(self, request_headers: Headers) -> Response:
-        """The preflight answer; a refusal says what was refused."""
-        response = super().preflight_response(request_headers)
-        if response.status_code == 200:
-            return response
-        return problem(400, f"{bytes(response.body).decode()}: this origin, method or header is not allowed.")
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        log_context.set({"request_id": Headers(scope=scope).get("x-request-id") or uuid.uuid4().hex})
+        started, status = time.perf_counter(), 500
+
+        async def send_noting_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_noting_status)
+        finally:
+            route = getattr(scope.get("route"), "path", "unmatched")  # set by Starlette's router
+            self.metrics.requests.labels(scope["method"], route, status).inc()
+            self.metrics.request_duration.labels(scope["method"], route).observe(time.perf_counter() - started)
 
 
 class BearerAuth:
@@ -1010,16 +1264,38 @@ class State(TypedDict):
 
     settings: Settings
     pool: asyncpg.Pool
-    worker: Worker | None
+    metrics: Metrics
+    outage: Outage
     notifications: Notifications
+    background: list[asyncio.Task[None]]
     shutting_down: asyncio.Event
     openapi: dict[str, Any]
 
 
-def configure_logging(level: str) -> None:
-    """Send the service's log lines to stderr; uvicorn only configures its own loggers."""
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logger.setLevel(level)
+class JSONLines(logging.Formatter):
+    """LOG_FORMAT=json: each record as one JSON object, with the job or request it is about."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+            **log_context.get(),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def configure_logging(settings: Settings) -> None:
+    """Every line the process writes, uvicorn's included, through one handler in one format."""
+    handler = logging.StreamHandler()
+    text = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    handler.setFormatter(JSONLines() if settings.log_format == "json" else text)
+    logging.basicConfig(level=settings.log_level, handlers=[handler], force=True)
+    # asyncpg's pool would repeat our outage warning every second, with a traceback.
+    logging.getLogger("asyncpg.pool").setLevel(logging.ERROR)
 
 
 def start_debugger(settings: Settings) -> None:
@@ -1034,46 +1310,58 @@ def start_debugger(settings: Settings) -> None:
 
 
 @contextlib.asynccontextmanager
-async def lifespan(app: Starlette, settings: Settings) -> AsyncIterator[State]:
-    """Open the pool, start listening and working; on the way out, stop them in reverse."""
-    configure_logging(settings.log_level)
+async def lifespan(app: Starlette, settings: Settings, metrics: Metrics) -> AsyncIterator[State]:
+    """Open the pool, start the background tasks; on the way out, stop them in reverse."""
     if settings.enable_debug:
         start_debugger(settings)
-    openapi_doc = json.loads((HERE / "openapi.json").read_text())
-    openapi_doc["info"]["version"] = VERSION
-    pool = await open_database(settings)
-    worker = Worker(pool, settings) if settings.worker_concurrency > 0 else None
-    notifications = Notifications(settings, on_new_job=worker.wake if worker else lambda: None)
-    notifications.start()
-    if worker:
-        worker.start()
+    pool = await open_pool(settings)
+    outage = Outage()
+    notifications = Notifications(settings, pool, metrics, outage)
+    worker = Worker(pool, settings, notifications, metrics, outage) if settings.worker_concurrency else None
+    worker_tasks = worker.start() if worker else []
+    background = [
+        *worker_tasks,
+        asyncio.create_task(keep_running("listening", notifications.listen, outage), name="notification listener"),
+        asyncio.create_task(keep_running("notifying", notifications.send, outage), name="notification sender"),
+    ]
+    if settings.job_retention_seconds:
+        delete = partial(delete_expired_jobs, pool, settings.job_retention_seconds)
+        background.append(asyncio.create_task(keep_running("deleting expired jobs", delete, outage), name="retention"))
     shutting_down = asyncio.Event()
 
     def begin_shutdown() -> None:
         """Take no more work at once: the worker stops claiming, long polls answer now."""
         shutting_down.set()
+        notifications.wake_all_waiters()
         if worker:
             worker.stop_claiming()
 
     # uvicorn drains open requests before it runs the shutdown below; Server.handle_exit
     # calls this the moment the signal arrives, so long polls do not hold the drain up.
-    loop = asyncio.get_running_loop()
-    app.state.begin_shutdown = partial(loop.call_soon_threadsafe, begin_shutdown)
+    app.state.begin_shutdown = partial(asyncio.get_running_loop().call_soon_threadsafe, begin_shutdown)
     logger.info("generations %s ready (worker concurrency %d)", VERSION, settings.worker_concurrency)
     try:
         yield State(
             settings=settings,
             pool=pool,
-            worker=worker,
+            metrics=metrics,
+            outage=outage,
             notifications=notifications,
+            background=background,
             shutting_down=shutting_down,
-            openapi=openapi_doc,
+            openapi=json.loads((HERE / "openapi.json").read_text()),
         )
     finally:
         begin_shutdown()
         if worker:
-            await worker.stop()
-        await notifications.stop()
+            await worker.stop(worker_tasks)
+        for task in background:
+            task.cancel()
+        await asyncio.gather(*background, return_exceptions=True)
+        try:
+            await notifications.flush()  # what the worker handed back and finished, for the other replicas
+        except Exception as error:
+            outage.report("notifying at shutdown", error)
         await pool.close()
         logger.info("generations stopped")
 
@@ -1081,11 +1369,12 @@ async def lifespan(app: Starlette, settings: Settings) -> AsyncIterator[State]:
 def create_app(settings: Settings | None = None) -> Starlette:
     """The Starlette app; with no settings given, they are read from the environment."""
     settings = settings or Settings.from_env()
-    middleware = []
+    metrics = Metrics()
+    middleware = [Middleware(Observe, metrics=metrics)]
     if settings.cors_origins:
         middleware.append(
             Middleware(
-                ProblemCORSMiddleware,
+                CORSMiddleware,
                 allow_origins=settings.cors_origins,
                 allow_methods=["GET", "POST"],
                 allow_headers=["Authorization", "Content-Type", "Idempotency-Key"],
@@ -1098,15 +1387,20 @@ def create_app(settings: Settings | None = None) -> Starlette:
         Route("/", root),
         Route("/health", health),
         Route("/ready", ready),
+        Route("/metrics", prometheus_metrics),
         Route("/openapi.json", openapi),
         Route("/generations", generations, methods=["GET", "POST"]),
+        Route("/generations/batch", create_batch, methods=["POST"]),
         Route("/generations/{job_id}", get_generation),
         Route("/generations/{job_id}/cancel", cancel_generation, methods=["POST"]),
     ]
     handlers = {HTTPException: http_error, Exception: internal_error}
     handlers |= {error: database_unavailable for error in DATABASE_UNAVAILABLE}
     return Starlette(
-        routes=routes, middleware=middleware, exception_handlers=handlers, lifespan=partial(lifespan, settings=settings)
+        routes=routes,
+        middleware=middleware,
+        exception_handlers=handlers,
+        lifespan=partial(lifespan, settings=settings, metrics=metrics),
     )
 
 
@@ -1119,19 +1413,26 @@ class Server(uvicorn.Server):
 
 
 def main() -> None:
-    """Run the service with uvicorn, configured from the environment."""
+    """Wait for the database, then run the service with uvicorn, configured from the environment."""
     try:
         settings = Settings.from_env()
     except ConfigError as error:
         sys.exit(f"generations: configuration error: {error}")
+    configure_logging(settings)
+    if not asyncio.run(wait_for_database(settings)):
+        sys.exit(1)
     config = uvicorn.Config(
         create_app(settings),
         host=settings.host,
         port=settings.port,
+        log_config=None,  # uvicorn's loggers go through ours (configure_logging)
         access_log=settings.log_level == "DEBUG",
         timeout_graceful_shutdown=settings.shutdown_grace_seconds,  # type: ignore[arg-type]
     )
-    Server(config).run()
+    server = Server(config)
+    server.run()
+    if not server.started:
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ import os
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
-from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -22,7 +21,6 @@ import app
 from scripts.pg import EmbeddedPostgres
 
 TEMPLATE = "generations_template"
-SCHEMA = Path(__file__).with_name("schema.sql").read_text()
 
 
 def database_url(server_url: str, database: str) -> str:
@@ -54,11 +52,11 @@ def template_url(server_url: str) -> str:
             await admin.execute(f"CREATE DATABASE {TEMPLATE}")
         finally:
             await admin.close()
-        template = await asyncpg.connect(database_url(server_url, TEMPLATE))
+        pool = await asyncpg.create_pool(database_url(server_url, TEMPLATE), min_size=1, max_size=1)
         try:
-            await template.execute(SCHEMA)
+            await app.apply_schema(pool)
         finally:
-            await template.close()
+            await pool.close()
 
     asyncio.run(make_template())
     return database_url(server_url, TEMPLATE)

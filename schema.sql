@@ -1,6 +1,8 @@
--- The whole schema of the generations service. Applied at every startup, under an advisory
--- lock so replicas starting together take turns: every statement is idempotent and nothing
--- is ever dropped. Needs PostgreSQL 14 or newer (CREATE OR REPLACE TRIGGER).
+-- The whole schema of the generations service. The service applies this file at startup when
+-- the database's schema_version is not this file's hash: under an advisory lock, so replicas
+-- starting together take turns, and a lock timeout, so that it never makes requests queue
+-- behind it. Every statement is idempotent; what is dropped is only what an earlier version
+-- made and this one replaced. Needs PostgreSQL 14 or newer.
 
 CREATE TABLE IF NOT EXISTS jobs (
     id uuid PRIMARY KEY DEFAULT gen_random_uuid(),
@@ -22,45 +24,32 @@ CREATE TABLE IF NOT EXISTS jobs (
     completed_at timestamptz
 );
 
+-- A batch job's position in its request (0, 1, ...); NULL for a job made by a single POST.
+ALTER TABLE jobs ADD COLUMN IF NOT EXISTS batch_index integer;
+
 -- The claim query walks this index in order and stops after as many rows as it needs:
 -- it only holds jobs that a worker may run now or later, so it stays small.
 CREATE INDEX IF NOT EXISTS jobs_claimable ON jobs (available_at)
     WHERE status IN ('pending', 'processing');
 
--- Newest-first listing and its keyset cursor, with and without a status filter.
+-- Newest-first listing and its keyset cursor, with and without a status filter. Retention
+-- finds expired jobs through the second one too.
 CREATE INDEX IF NOT EXISTS jobs_newest ON jobs (created_at, id);
 CREATE INDEX IF NOT EXISTS jobs_status_newest ON jobs (status, created_at, id);
 
--- Two POSTs with the same Idempotency-Key can race; this index lets exactly one insert win.
-CREATE UNIQUE INDEX IF NOT EXISTS jobs_idempotency_key ON jobs (idempotency_key)
+-- Two requests with the same Idempotency-Key can race; this index lets exactly one insert
+-- win. A batch's jobs share its key, one position each.
+CREATE UNIQUE INDEX IF NOT EXISTS jobs_idempotency_key_position ON jobs (idempotency_key, (coalesce(batch_index, 0)))
     WHERE idempotency_key IS NOT NULL;
+DROP INDEX IF EXISTS jobs_idempotency_key;  -- 1.0's: one job per key
 
--- Workers LISTEN on generations_new: a job became runnable now (created, or handed back;
--- a retry waiting out its backoff is found by polling instead).
-CREATE OR REPLACE FUNCTION notify_generations_new() RETURNS trigger
-LANGUAGE plpgsql AS $$
-BEGIN
-    PERFORM pg_notify('generations_new', '');
-    RETURN NULL;
-END
-$$;
+-- 1.0 announced jobs from per-row triggers, whose NOTIFY made inserts commit one at a time;
+-- the service now announces them itself, once per batch, after they commit.
+DROP TRIGGER IF EXISTS jobs_notify_new ON jobs;
+DROP TRIGGER IF EXISTS jobs_notify_done ON jobs;
+DROP FUNCTION IF EXISTS notify_generations_new();
+DROP FUNCTION IF EXISTS notify_generations_done();
 
-CREATE OR REPLACE TRIGGER jobs_notify_new
-    AFTER INSERT OR UPDATE OF status ON jobs
-    FOR EACH ROW WHEN (NEW.status = 'pending' AND NEW.available_at <= now())
-    EXECUTE FUNCTION notify_generations_new();
-
--- Long polls LISTEN on generations_done: the payload is the id of a job that just ended.
-CREATE OR REPLACE FUNCTION notify_generations_done() RETURNS trigger
-LANGUAGE plpgsql AS $$
-BEGIN
-    PERFORM pg_notify('generations_done', NEW.id::text);
-    RETURN NULL;
-END
-$$;
-
-CREATE OR REPLACE TRIGGER jobs_notify_done
-    AFTER UPDATE OF status ON jobs
-    FOR EACH ROW WHEN (NEW.status IN ('completed', 'failed', 'cancelled')
-                       AND OLD.status IS DISTINCT FROM NEW.status)
-    EXECUTE FUNCTION notify_generations_done();
+-- The hash of the schema.sql applied last (one row), so that a start with the schema
+-- current reads one row and takes no lock on jobs.
+CREATE TABLE IF NOT EXISTS schema_version (version text NOT NULL);

@@ -175,7 +175,8 @@ BAD_BODIES = [
     (b'{"numImages": 2.0}', JSON, 422, None),
     (b'{"numImages": "2"}', JSON, 422, None),
     (b'{"numImages": null}', JSON, 422, None),
-    (b'{"numImages": NaN}', JSON, 422, None),
+    (b'{"numImages": NaN}', JSON, 400, None),  # NaN and Infinity are not JSON (RFC 8259)
+    (b'{"numImages": -Infinity}', JSON, 400, None),
     (b'{"numImages": 0}', JSON, 400, "numImages must be between 1 and 10"),
     (b'{"numImages": 11}', JSON, 400, "numImages must be between 1 and 10"),
     (b'{"numImages": -5}', JSON, 400, "numImages must be between 1 and 10"),
@@ -241,24 +242,27 @@ async def test_a_job_is_completed_with_images_of_one_animal(client: httpx.AsyncC
     assert [(m.group(1), int(m.group(2))) for m in matches] == [(done["animal"], i) for i in (1, 2, 3)]
 
 
+async def listening(client: httpx.AsyncClient) -> bool:
+    """Whether the app says that notifications arrive on its LISTEN connection."""
+    return "generations_listen_connected 1.0" in (await client.get("/metrics")).text
+
+
 async def test_a_notification_wakes_an_idle_worker(settings: SettingsFactory, db: asyncpg.Connection) -> None:
-    """A job inserted by another process starts at once through NOTIFY, not at the next poll."""
-    async with running(settings(worker_poll_interval=3600)):
-        await eventually(
-            lambda: db.fetchval("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'generations-listen'")
-        )
+    """A job that another replica announces starts at once through NOTIFY, not at the next poll."""
+    async with running(settings(worker_poll_interval=3600)) as client:
+        await eventually(lambda: listening(client))  # from now on, only a notification can wake the worker
         job_id = await insert_job(db)
+        await db.execute("SELECT pg_notify('generations_new', '')")
         await wait_for_status(db, job_id, "completed", within=5)
 
 
 async def test_polling_finds_jobs_that_no_notification_announced(
     settings: SettingsFactory, db: asyncpg.Connection
 ) -> None:
-    """A job that becomes due later (after its NOTIFY was sent) is found by polling."""
-    async with running(settings(worker_poll_interval=0.1)):
-        job_id = await db.fetchval(
-            "INSERT INTO jobs (num_images, available_at) VALUES (1, now() + interval '0.5 seconds') RETURNING id"
-        )
+    """A job inserted by plain SQL, with no notification, is found by polling."""
+    async with running(settings(worker_poll_interval=0.1)) as client:
+        await eventually(lambda: listening(client))
+        job_id = await insert_job(db)
         await wait_for_status(db, job_id, "completed")
 
 
@@ -266,15 +270,19 @@ async def test_the_worker_listens_again_after_its_connection_is_killed(
     settings: SettingsFactory, db: asyncpg.Connection
 ) -> None:
     """When the LISTEN connection is terminated, a new one takes its place and wakes the worker."""
-    listening = (
+    listener = (
         "SELECT pid FROM pg_stat_activity"
         " WHERE application_name = 'generations-listen' AND datname = current_database()"
     )
-    async with running(settings(worker_poll_interval=3600)):
-        first = await eventually(lambda: db.fetchval(listening))
+    async with running(settings(worker_poll_interval=3600)) as client:
+        await eventually(lambda: listening(client))
+        first = await db.fetchval(listener)
         await db.execute("SELECT pg_terminate_backend($1)", first)
-        await eventually(lambda: db.fetchval(listening + " AND pid <> $1", first))
-        await wait_for_status(db, await insert_job(db), "completed", within=5)
+        await eventually(lambda: db.fetchval(listener + " AND pid <> $1", first))
+        await eventually(lambda: listening(client))
+        job_id = await insert_job(db)
+        await db.execute("SELECT pg_notify('generations_new', '')")
+        await wait_for_status(db, job_id, "completed", within=5)
 
 
 async def test_no_more_than_worker_concurrency_jobs_run_at_once(
@@ -382,37 +390,40 @@ async def test_a_job_abandoned_on_its_last_attempt_fails(settings: SettingsFacto
     assert row["error"] == "no attempts left: the last attempt was interrupted (its worker stopped)"
 
 
-async def test_abandoned_jobs_fail_only_a_lease_after_their_lease_ran_out(db: asyncpg.Connection) -> None:
-    """The sweep spares a worker that was only cut off for a while, and catches jobs stranded
-    by a lowered MAX_ATTEMPTS; jobs with attempts left are not its business."""
+async def test_the_claim_fails_due_jobs_with_no_attempt_left(db: asyncpg.Connection) -> None:
+    """The claim runs due jobs with attempts left, fails due ones without (abandoned on their last
+    attempt, or stranded by a lowered MAX_ATTEMPTS), and leaves live leases alone."""
     rows = await db.fetch(
         "INSERT INTO jobs (num_images, status, attempts, available_at) VALUES"
-        " (1, 'processing', 3, now() - interval '10 seconds'),"  # abandoned a lease ago: fail
-        " (1, 'processing', 3, now() - interval '5 seconds'),"  # its owner may still write: spare
-        " (1, 'pending', 3, now() - interval '10 seconds'),"  # stranded by a lowered limit: fail
-        " (1, 'processing', 2, now() - interval '10 seconds')"  # another worker will claim it: spare
+        " (1, 'processing', 3, now() - interval '1 second'),"  # abandoned on its last attempt: fail
+        " (1, 'pending', 4, now() - interval '1 second'),"  # stranded by a lowered limit: fail
+        " (1, 'processing', 2, now() - interval '1 second'),"  # abandoned with an attempt left: run
+        " (1, 'processing', 3, now() + interval '10 seconds')"  # its worker is alive: leave it
         " RETURNING id"
     )
-    assert await db.execute(app.FAIL_ABANDONED_JOBS, 3, 8.0) == "UPDATE 2"
+    claimed = await db.fetch(app.CLAIM_JOBS, 10, 30.0, 3)
+    assert sorted((row["id"], row["runnable"], row["attempts"]) for row in claimed) == sorted(
+        [(rows[0]["id"], False, 3), (rows[1]["id"], False, 4), (rows[2]["id"], True, 3)]
+    )
     statuses = [(await job_row(db, row["id"]))["status"] for row in rows]
-    assert statuses == ["failed", "processing", "failed", "processing"]
+    assert statuses == ["failed", "failed", "processing", "processing"]
 
 
 async def test_writes_are_fenced_on_the_claimed_attempt(db: asyncpg.Connection) -> None:
-    """A worker whose claim was taken over can neither complete, fail nor hand back the job."""
+    """A worker whose claim was taken over can neither complete, fail, extend nor hand back the job."""
     job_id = await insert_job(db)
-    [(_, stale_attempt, _)] = await db.fetch(app.CLAIM_JOBS, 1, 0.0, 5)  # a lease that ends at once
-    [(_, current_attempt, _)] = await db.fetch(app.CLAIM_JOBS, 1, 30.0, 5)  # another worker takes over
-    assert (stale_attempt, current_attempt) == (1, 2)
+    [stale] = await db.fetch(app.CLAIM_JOBS, 1, 0.0, 5)  # a lease that ends at once
+    [current] = await db.fetch(app.CLAIM_JOBS, 1, 30.0, 5)  # another worker takes over
+    assert (stale["attempts"], current["attempts"]) == (1, 2)
 
+    stale_attempt = stale["attempts"]
     assert await db.fetch(app.COMPLETE_JOBS, [job_id], [stale_attempt], ["cat"], ['["x"]']) == []
-    assert await db.fetchval(app.RETRY_OR_FAIL_JOB, job_id, stale_attempt, 5, "boom", 0.0) is None
+    assert await db.fetch(app.RETRY_OR_FAIL_JOBS, [job_id], [stale_attempt], 5, "boom", [0.0]) == []
     assert await db.fetch(app.EXTEND_LEASES, [job_id], [stale_attempt], 30.0) == []
-    assert await db.execute(app.HAND_BACK_JOBS, [job_id], [stale_attempt]) == "UPDATE 0"
     row = await job_row(db, job_id)
     assert (row["status"], row["attempts"], row["animal"], row["error"]) == ("processing", 2, None, None)
 
-    written = await db.fetch(app.COMPLETE_JOBS, [job_id], [current_attempt], ["cat"], ['["x"]'])
+    written = await db.fetch(app.COMPLETE_JOBS, [job_id], [current["attempts"]], ["cat"], ['["x"]'])
     assert [tuple(r) for r in written] == [(job_id, 2)]
     assert (await job_row(db, job_id))["status"] == "completed"
 
@@ -438,7 +449,8 @@ async def test_shutdown_hands_unfinished_jobs_back_at_once(settings: SettingsFac
         job = await post_job(client)
         await wait_for_status(db, job["jobId"], "processing")
     row = await job_row(db, job["jobId"])
-    assert (row["status"], row["attempts"]) == ("pending", 0)
+    assert (row["status"], row["attempts"]) == ("pending", 1)  # the interrupted attempt counts
+    assert row["error"] == "the attempt was interrupted by a shutdown"
     assert row["available_at"] <= await db.fetchval("SELECT now()")
 
 

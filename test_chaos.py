@@ -204,8 +204,11 @@ async def create_database(server: EmbeddedPostgres, name: str = "generations") -
 
 
 async def queue_job(db: asyncpg.Connection) -> uuid.UUID:
-    """Queue a job straight into the database, with the API's own statement, as another replica would."""
-    return (await db.fetchrow(app.INSERT_JOB, 1, None))["id"]
+    """Queue a job straight into the database and announce it, with the API's own statements, as
+    another replica would."""
+    [job] = await db.fetch(app.INSERT_JOBS, [1], None, False)
+    await db.execute(app.NOTIFY, ["generations_new"], [""])
+    return job["id"]
 
 
 async def job_row(db: asyncpg.Connection, job_id: JobId) -> asyncpg.Record:
@@ -270,7 +273,7 @@ async def test_sigterm_hands_a_running_job_back_at_once(
     replicas: Replicas, db: asyncpg.Connection, session: aiohttp.ClientSession
 ) -> None:
     """SIGTERM mid-job: the process exits within the grace period plus 2 s, the job is pending again
-    at once (not after its 30 s lease) with its attempt given back, and another replica completes it."""
+    at once (not after its 30 s lease), its interrupted attempt counted, and another replica completes it."""
     grace = 1.0
     first = await replicas.start(IMAGE_PROVIDER_DELAY=10, SHUTDOWN_GRACE_SECONDS=grace, JOB_LEASE_SECONDS=30)
     [job_id] = await post_jobs(session, [first], 1)
@@ -280,12 +283,12 @@ async def test_sigterm_hands_a_running_job_back_at_once(
     exited = time.monotonic() - signalled
 
     row = await job_row(db, job_id)
-    assert (row["status"], row["attempts"]) == ("pending", 0)
+    assert (row["status"], row["attempts"]) == ("pending", 1)
     assert row["available_at"] <= row["db_now"]  # claimable right away, no lease to wait out
     assert code in (0, -signal.SIGTERM)  # uvicorn re-raises SIGTERM once its graceful shutdown is done
     assert exited <= grace + 2
     log = first.log()
-    assert "shutting down: handed 1 unfinished jobs back to the queue" in log
+    assert "shutting down: handed 1 unfinished jobs back to the queue, failed 0" in log
     assert "Application shutdown complete" in log
 
     started = time.monotonic()
@@ -298,7 +301,7 @@ async def test_sigterm_hands_a_running_job_back_at_once(
         exit_s=round(exited, 2),
         second_replica_start_to_completed_s=round(time.monotonic() - started, 2),
     )
-    assert row["attempts"] == 1
+    assert row["attempts"] == 2
 
 
 # --- Replicas share one database -------------------------------------------------------------
