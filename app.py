@@ -24,6 +24,7 @@ app the moment SIGTERM arrives.
 
 import asyncio
 import base64
+import binascii
 import contextlib
 import contextvars
 import dataclasses
@@ -39,6 +40,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
 from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
 from functools import partial
 from http import HTTPStatus
 from pathlib import Path
@@ -46,6 +48,7 @@ from types import FrameType
 from typing import Any, NamedTuple, TypedDict
 from urllib.parse import parse_qs, urlencode, urlsplit
 
+import aiohttp
 import asyncpg
 import uvicorn
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -90,6 +93,9 @@ RETRY_BASE_SECONDS, RETRY_MAX_SECONDS = 0.5, 60.0
 RETENTION_INTERVAL_SECONDS, RETENTION_BATCH_SIZE = 5.0, 1000
 # A NOTIFY payload must stay under 8,000 bytes: this many job ids (36 characters and a space).
 JOB_IDS_PER_NOTIFICATION = 200
+# A provider's answer larger than this is refused, so a misbehaving one cannot exhaust memory.
+MAX_PROVIDER_ANSWER_BYTES = 32 << 20
+MAX_RETRY_AFTER_SECONDS = 60.0
 # The job gauges count exactly up to this many jobs per status, so a scrape stays cheap.
 COUNT_LIMIT = 100_000
 
@@ -125,6 +131,10 @@ class Settings:
     job_retention_seconds: float = _setting(604_800.0, 0, 10 * 365 * 86_400)
     max_attempts: int = _setting(3, 1, 100)
     shutdown_grace_seconds: float = _setting(10.0, 0, 3600)
+    image_provider: str = _setting("mock", choices=("mock", "http", "openai"))
+    image_provider_url: str = ""
+    image_provider_api_key: str | None = dataclasses.field(default=None, repr=False)  # never in a log line
+    image_provider_model: str = "dall-e-2"
     image_provider_delay: float = _setting(2.0, 0, 3600)
     image_provider_failure_rate: float = _setting(0.0, 0, 1)
     db_pool_min_size: int = _setting(1, 0, 1000)
@@ -141,12 +151,8 @@ class Settings:
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> "Settings":
         """Read every setting from the environment; unset or empty variables keep their default."""
-        values = {}
-        for field in dataclasses.fields(cls):
-            raw = env.get(field.name.upper(), "").strip()
-            if raw:
-                values[field.name] = _parse_setting(field, raw)
-        return cls(**values)
+        raw = {field: env.get(field.name.upper(), "").strip() for field in dataclasses.fields(cls)}
+        return cls(**{field.name: _parse_setting(field, text) for field, text in raw.items() if text})
 
     def __post_init__(self) -> None:
         """Refuse settings the service cannot run with, naming the variable to fix."""
@@ -165,6 +171,8 @@ class Settings:
                 raise ConfigError(f"{field.name.upper()} must be between {low} and {high}, got {value!r}")
             if choices and value not in choices:
                 raise ConfigError(f"{field.name.upper()} must be one of {', '.join(choices)}, got {value!r}")
+        if self.image_provider != "mock" and urlsplit(self.image_provider_url).scheme not in ("http", "https"):
+            raise ConfigError(f"IMAGE_PROVIDER_URL must be an http(s) URL for IMAGE_PROVIDER={self.image_provider}")
         if self.db_pool_min_size > self.db_pool_max_size:
             raise ConfigError("DB_POOL_MIN_SIZE must not be larger than DB_POOL_MAX_SIZE")
 
@@ -278,29 +286,40 @@ RETURNING jobs.id, jobs.attempts, jobs.num_images, runnable, extract(epoch FROM 
 """
 
 # Complete a batch of jobs in one statement (image URLs as JSON text, one per job, since
-# arrays of arrays would flatten). Each row counts only if its job is still processing
-# under the attempt that produced it: a cancelled job, or one whose lease another worker
-# took over, is left alone. The rows returned are the ones written.
+# arrays of arrays would flatten), and store the pictures that came as bytes ($5-$8). Each
+# job counts only if it is still processing under the attempt that produced it: a cancelled
+# job, or one whose lease another worker took over, is left alone, and so are its pictures.
+# The rows returned are the jobs written.
 COMPLETE_JOBS = """
-UPDATE jobs
-SET status = 'completed', animal = done.animal, image_urls = done.image_urls::jsonb,
-    error = NULL, updated_at = now(), completed_at = now()
-FROM unnest($1::uuid[], $2::int[], $3::text[], $4::text[]) AS done(id, attempt, animal, image_urls)
-WHERE jobs.id = done.id AND jobs.attempts = done.attempt AND jobs.status = 'processing'
-RETURNING jobs.id, jobs.attempts
+WITH done AS (
+    UPDATE jobs
+    SET status = 'completed', animal = result.animal, image_urls = result.image_urls::jsonb,
+        error = NULL, updated_at = now(), completed_at = now()
+    FROM unnest($1::uuid[], $2::int[], $3::text[], $4::text[]) AS result(id, attempt, animal, image_urls)
+    WHERE jobs.id = result.id AND jobs.attempts = result.attempt AND jobs.status = 'processing'
+    RETURNING jobs.id, jobs.attempts
+), stored AS (
+    INSERT INTO images (job_id, position, content_type, data)
+    SELECT * FROM unnest($5::uuid[], $6::int[], $7::text[], $8::bytea[]) AS image(job_id, position, type, data)
+    WHERE image.job_id IN (SELECT id FROM done)
+)
+SELECT id, attempts FROM done
 """
 
+# A picture the provider sent as bytes.
+SELECT_IMAGE = "SELECT content_type, data FROM images WHERE job_id = $1 AND position = $2"
+
 # Record attempts that did not complete (fenced like COMPLETE_JOBS), with the error $4: back
-# to pending after each job's delay while attempts remain below $3, otherwise failed for good.
-# A failed attempt waits out its backoff; a job handed back at shutdown waits for nothing.
+# to pending after $5 seconds while attempts remain below $3, otherwise failed for good. A
+# failed attempt waits out its backoff; a job handed back at shutdown waits for nothing.
 RETRY_OR_FAIL_JOBS = """
 UPDATE jobs
 SET status = CASE WHEN jobs.attempts < $3 THEN 'pending' ELSE 'failed' END,
     completed_at = CASE WHEN jobs.attempts < $3 THEN NULL ELSE now() END,
-    error = $4, available_at = now() + make_interval(secs => held.delay), updated_at = now()
-FROM unnest($1::uuid[], $2::int[], $5::float8[]) AS held(id, attempt, delay)
+    error = $4, available_at = now() + make_interval(secs => $5), updated_at = now()
+FROM unnest($1::uuid[], $2::int[]) AS held(id, attempt)
 WHERE jobs.id = held.id AND jobs.attempts = held.attempt AND jobs.status = 'processing'
-RETURNING jobs.id, jobs.status, held.delay
+RETURNING jobs.id, jobs.status
 """
 
 # Extend the leases of the jobs this worker holds. A job missing from the result is no
@@ -404,54 +423,118 @@ class Metrics:
     """What /metrics exposes. A registry per app, so that tests can run several apps at once."""
 
     def __init__(self) -> None:
-        registry = self.registry = CollectorRegistry()
+        self.registry = into = CollectorRegistry()
         slow = (0.01, 0.05, 0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 900, 3600)
-        self.jobs = Gauge(
-            "generations_jobs", f"Jobs in the database by status, all replicas; counted up to {COUNT_LIMIT}, "
-            "so that value means at least that many", ["status"], registry=registry,
-        )  # fmt: skip
-        self.oldest_pending_age = Gauge(
-            "generations_oldest_pending_age_seconds", "Since the oldest pending job became runnable (0: none)",
-            registry=registry,
-        )  # fmt: skip
-        self.jobs_created = Counter("generations_jobs_created", "Jobs created by this process", registry=registry)
-        self.attempts = Counter(
-            "generations_attempts", "Attempts run by this process, by how they ended", ["result"], registry=registry
-        )
-        self.job_wait = Histogram(
-            "generations_job_wait_seconds", "From runnable to claimed", buckets=slow, registry=registry
-        )
-        self.job_run = Histogram("generations_job_run_seconds", "One attempt", buckets=slow, registry=registry)
-        self.requests = Counter(
-            "generations_http_requests", "HTTP requests by route template", ["method", "route", "status"],
-            registry=registry,
-        )  # fmt: skip
+        jobs = f"Pending and processing jobs, all replicas; counted up to {COUNT_LIMIT} (that value: at least)"
+        self.jobs = Gauge("generations_jobs", jobs, ["status"], registry=into)
+        self.oldest_pending_age = Gauge("generations_oldest_pending_age_seconds", "0: none pending", registry=into)
+        self.jobs_created = Counter("generations_jobs_created", "Jobs this process created", registry=into)
+        self.attempts = Counter("generations_attempts", "Attempts by how they ended", ["result"], registry=into)
+        self.job_wait = Histogram("generations_job_wait_seconds", "Runnable to claimed", buckets=slow, registry=into)
+        self.job_run = Histogram("generations_job_run_seconds", "One attempt", buckets=slow, registry=into)
+        labels = ["method", "route", "status"]
+        self.requests = Counter("generations_http_requests", "By route template", labels, registry=into)
         self.request_duration = Histogram(
-            "generations_http_request_duration_seconds", "HTTP request duration", ["method", "route"],
-            registry=registry,
-        )  # fmt: skip
-        self.listen_connected = Gauge(
-            "generations_listen_connected", "1 while notifications arrive; 0: polling only", registry=registry
+            "generations_http_request_duration_seconds", "By route", labels[:2], registry=into
         )
+        self.listen_connected = Gauge("generations_listen_connected", "0: polling only", registry=into)
 
 
 # --- The image provider ----------------------------------------------------------------------
 
 
 class ProviderError(Exception):
-    """The image provider could not make the images; the attempt will be retried."""
+    """The provider made no images this time. The attempt is retried, after `retry_after` seconds
+    when the provider said so, unless the error is `final`: a request another try cannot fix."""
+
+    def __init__(self, message: str, retry_after: float | None = None, final: bool = False) -> None:
+        super().__init__(message)
+        self.retry_after, self.final = retry_after, final
 
 
-async def generate_images(animal: str, num_images: int, settings: Settings) -> list[str]:
-    """Make `num_images` pictures of `animal` and return their URLs.
+# A picture: its URL, or its content type and bytes when the provider sent them (stored in images).
+Image = str | tuple[str, bytes]
 
-    This is the seam for a real provider. The mock waits without blocking the loop, and
-    fails at the configured rate so that retries can be seen.
-    """
+
+async def generate_images(
+    job_id: uuid.UUID, attempt: int, animal: str, num_images: int, settings: Settings, http: aiohttp.ClientSession
+) -> list[str]:
+    """Make `num_images` pictures of `animal` with IMAGE_PROVIDER: the one seam between the queue
+    and whatever makes the pictures. Each is an http(s) URL or a data:image/...;base64, URI; the
+    worker checks the answer. The mock waits without blocking the loop, and fails at the
+    configured rate so that retries can be seen."""
+    prompt = f"a cute {animal}"
+    if settings.image_provider == "http":
+        body = {"jobId": str(job_id), "attempt": attempt, "animal": animal, "numImages": num_images, "prompt": prompt}
+        answer = await call_provider(http, settings.image_provider_url, job_id, body, settings)
+        return answer.get("imageUrls") if isinstance(answer, dict) else answer
+    if settings.image_provider == "openai":
+        url = f"{settings.image_provider_url.rstrip('/')}/images/generations"
+        body = {"model": settings.image_provider_model, "prompt": prompt, "n": num_images, "size": "512x512"}
+        answer = await call_provider(http, url, job_id, body, settings)
+        try:
+            return [item.get("url") or f"data:image/png;base64,{item['b64_json']}" for item in answer["data"]]
+        except (TypeError, KeyError, AttributeError):
+            return answer  # not the shape asked for: the worker's check says what came
     await asyncio.sleep(settings.image_provider_delay)
     if random.random() < settings.image_provider_failure_rate:
         raise ProviderError("the image provider failed (simulated by IMAGE_PROVIDER_FAILURE_RATE)")
     return [f"https://placehold.co/512x512/png?text=a+cute+{animal}+{i}" for i in range(1, num_images + 1)]
+
+
+async def call_provider(
+    http: aiohttp.ClientSession, url: str, job_id: uuid.UUID, body: dict[str, Any], settings: Settings
+) -> Any:
+    """POST to the provider and return its JSON answer. Connection errors, 408, 429 and 5xx may
+    pass (ProviderError); any other answer but 200 will not (final)."""
+    headers = {"Idempotency-Key": str(job_id)}  # lets the provider deduplicate our retries
+    if settings.image_provider_api_key:
+        headers["Authorization"] = f"Bearer {settings.image_provider_api_key}"
+    try:
+        async with http.post(url, json=body, headers=headers) as response:
+            answer = b""
+            async for chunk in response.content.iter_any():  # stop reading a runaway answer early
+                answer += chunk
+                if len(answer) > MAX_PROVIDER_ANSWER_BYTES:
+                    raise ProviderError(f"the provider's answer is larger than {MAX_PROVIDER_ANSWER_BYTES >> 20} MiB")
+            if response.status == 200:
+                return json.loads(answer)
+            error = f"the provider answered {response.status}: {answer.decode(errors='replace')[:500]}"
+            if response.status in (408, 429) or response.status >= 500:
+                raise ProviderError(error, retry_after(response.headers.get("Retry-After")))
+            raise ProviderError(error, final=True)
+    except aiohttp.ClientError as error:
+        raise ProviderError(f"the provider could not be reached: {type(error).__name__}: {error}") from None
+    except ValueError:
+        raise ProviderError("the provider's answer is not JSON") from None
+
+
+def retry_after(value: str | None) -> float | None:
+    """A Retry-After header (seconds or an HTTP date) in seconds, at most a minute."""
+    with contextlib.suppress(TypeError, ValueError):
+        seconds = (
+            float(value) if value.strip().isdigit() else (parsedate_to_datetime(value) - datetime.now(UTC)).seconds
+        )
+        return min(max(seconds, 0.0), MAX_RETRY_AFTER_SECONDS)
+    return None
+
+
+def checked_images(images: object, num_images: int) -> list[Image]:
+    """The provider's answer if it is what was asked for; one bad row must not fail a whole batch."""
+    if not (isinstance(images, list) and len(images) == num_images and all(isinstance(i, str) for i in images)):
+        raise ProviderError(f"the provider returned {storable(repr(images))[:200]}, not {num_images} images")
+    return [checked_image(image) for image in images]
+
+
+def checked_image(image: str) -> Image:
+    """A picture as the provider gave it: an http(s) URL as is, a data:image/...;base64, URI decoded."""
+    media_type, _, data = image.partition(";base64,")
+    if media_type.startswith("data:image/") and data:
+        with contextlib.suppress(binascii.Error):
+            return media_type.removeprefix("data:"), base64.b64decode(data, validate=True)
+    if image.startswith(("https://", "http://")) and storable(image) == image:
+        return image
+    raise ProviderError(f"the provider returned {storable(image[:100])!r}, not an http(s) URL or an image data URI")
 
 
 # --- Database --------------------------------------------------------------------------------
@@ -534,9 +617,8 @@ async def schema_version(connection: asyncpg.Connection) -> str | None:
 async def delete_expired_jobs(pool: asyncpg.Pool, retention_seconds: float) -> None:
     """Delete the jobs that ended longer ago than JOB_RETENTION_SECONDS, a batch at a time."""
     await asyncio.sleep(RETENTION_INTERVAL_SECONDS)
-    while await pool.execute(DELETE_EXPIRED_JOBS, retention_seconds, RETENTION_BATCH_SIZE) == (
-        f"DELETE {RETENTION_BATCH_SIZE}"
-    ):
+    deleted = f"DELETE {RETENTION_BATCH_SIZE}"  # a full batch: more may be waiting
+    while await pool.execute(DELETE_EXPIRED_JOBS, retention_seconds, RETENTION_BATCH_SIZE) == deleted:
         pass
 
 
@@ -561,6 +643,7 @@ class Notifications:
         self.poll_interval = settings.worker_poll_interval
         self.pool, self.metrics, self.outage = pool, metrics, outage
         self.on_new_job: Callable[[], None] = lambda: None
+        self.on_jobs_ended: Callable[[set[str]], None] = lambda job_ids: None
         self.waiters: dict[str, set[asyncio.Event]] = {}
         self.new_jobs = False
         self.ended_jobs: list[str] = []
@@ -661,9 +744,12 @@ class Notifications:
         self.arriving = arriving
 
     def _jobs_done(self, connection: object, pid: int, channel: str, payload: str) -> None:
-        for job_id in payload.split():
+        """Wake the long polls waiting on these jobs, and stop running them (cancelled, say) at once."""
+        job_ids = set(payload.split())
+        for job_id in job_ids:
             for event in self.waiters.get(job_id, ()):
                 event.set()
+        self.on_jobs_ended(job_ids)
 
 
 # --- The worker ----------------------------------------------------------------------------
@@ -681,17 +767,6 @@ def fenced(claims: Iterable[Claim]) -> tuple[list[uuid.UUID], list[int]]:
     """The ids and attempts of claims, sorted by id (see EXTEND_LEASES), for a fenced statement."""
     ordered = sorted(claims)
     return [claim.job_id for claim in ordered], [claim.attempt for claim in ordered]
-
-
-def checked_urls(urls: object, num_images: int) -> list[str]:
-    """The provider's answer if it is what was asked for; one bad row must not fail a whole batch."""
-    if (
-        isinstance(urls, list)
-        and len(urls) == num_images
-        and all(isinstance(url, str) and storable(url) == url for url in urls)
-    ):
-        return urls
-    raise ProviderError(f"the provider returned {storable(repr(urls))[:200]}, not {num_images} URLs")
 
 
 def storable(text: str) -> str:
@@ -727,7 +802,11 @@ class Worker:
         self.results_ready = asyncio.Event()
         self.writing = asyncio.Lock()
         self.stopping = asyncio.Event()
+        # One client for every provider call, with a connection per slot at most.
+        connections = aiohttp.TCPConnector(limit=settings.worker_concurrency)
+        self.http = aiohttp.ClientSession(connector=connections, timeout=aiohttp.ClientTimeout(total=None))
         notifications.on_new_job = self.wakeup.set
+        notifications.on_jobs_ended = lambda job_ids: self.stop_lost(c for c in self.held if str(c.job_id) in job_ids)
 
     def start(self) -> list[asyncio.Task[None]]:
         return [
@@ -754,9 +833,11 @@ class Worker:
         await asyncio.gather(writer, keeper, return_exceptions=True)
         try:
             await self.complete(self.finished[:])
-            await self.retry_or_fail(list(self.held), "the attempt was interrupted by a shutdown", handing_back=True)
+            interrupted = "the attempt was interrupted by a shutdown"
+            await self.retry_or_fail(list(self.held), interrupted, 0.0, "handed_back", self.settings.max_attempts)
         except Exception as error:  # their leases will run out and they will be claimed again
             self.outage.report("recording jobs at shutdown", error)
+        await self.http.close()
 
     async def claim_until_stopped(self) -> None:
         """Fill free slots with due jobs; sleep until woken or the poll interval passes."""
@@ -793,49 +874,51 @@ class Worker:
         log_context.set({"job_id": str(claim.job_id), "attempt": claim.attempt})
         animal = random.choice(ANIMALS)
         logger.debug("job %s attempt %d: generating %d %s images", *claim, animal)
-        timeout = self.settings.job_timeout_seconds
+        timeout, settings = self.settings.job_timeout_seconds, self.settings
+        error = ProviderError(f"the attempt timed out after {timeout:g}s (JOB_TIMEOUT_SECONDS)")
         try:
             with self.metrics.job_run.time():
                 async with asyncio.timeout(timeout):
-                    urls = await generate_images(animal, claim.num_images, self.settings)
-            self.finished.append((claim, animal, checked_urls(urls, claim.num_images)))
+                    images = await generate_images(
+                        claim.job_id, claim.attempt, animal, claim.num_images, settings, self.http
+                    )
+            self.finished.append((claim, animal, checked_images(images, claim.num_images)))
             self.results_ready.set()
             return
         except TimeoutError:
-            error, result = f"the attempt timed out after {timeout:g}s (JOB_TIMEOUT_SECONDS)", "timed_out"
+            result = "timed_out"
         except Exception as provider_error:  # whatever the provider raises, the attempt failed
-            error, result = storable(f"{type(provider_error).__name__}: {provider_error}"), None
-        logger.warning("job %s attempt %d failed: %s", claim.job_id, claim.attempt, error)
+            error, result = provider_error, None
+        text = storable(f"{type(error).__name__}: {error}")
+        if settings.image_provider_api_key:
+            text = text.replace(settings.image_provider_api_key, "[API key]")
+        logger.warning("job %s attempt %d failed: %s", claim.job_id, claim.attempt, text)
+        final = isinstance(error, ProviderError) and error.final
+        delay = getattr(error, "retry_after", None) or retry_delay(claim.attempt)
         try:
-            await self.retry_or_fail([claim], error, result=result)
+            await self.retry_or_fail([claim], text, delay, result, 0 if final else settings.max_attempts)
         except Exception as db_error:  # the lease will run out and the job will be claimed again
             self.outage.report(f"recording the failure of job {claim.job_id}", db_error)
         self.release(claim)
 
     async def retry_or_fail(
-        self, claims: list[Claim], error: str, result: str | None = None, handing_back: bool = False
+        self, claims: list[Claim], error: str, delay: float, result: str | None, max_attempts: int
     ) -> None:
-        """Send jobs back to pending (after a backoff, unless handing back) or fail those out of attempts."""
+        """Send jobs back to pending after `delay`, or fail those with no attempt left."""
         if not claims:
             return
-        ids, attempts = fenced(claims)
-        delays = [0.0 if handing_back else retry_delay(attempt) for attempt in attempts]
-        rows = await self.pool.fetch(RETRY_OR_FAIL_JOBS, ids, attempts, self.settings.max_attempts, error, delays)
-        for row in rows:
-            retried = row["status"] == "pending"
-            self.metrics.attempts.labels(
-                result or ("handed_back" if handing_back else "retried" if retried else "failed")
-            ).inc()
-        self.metrics.attempts.labels("lost").inc(len(claims) - len(rows))
+        rows = await self.pool.fetch(RETRY_OR_FAIL_JOBS, *fenced(claims), max_attempts, error, delay)
         failed = [row["id"] for row in rows if row["status"] == "failed"]
-        if handing_back:
+        for row in rows:
+            self.metrics.attempts.labels(result or ("retried" if row["status"] == "pending" else "failed")).inc()
+        self.metrics.attempts.labels("lost").inc(len(claims) - len(rows))
+        self.notifications.jobs_ended(failed)
+        if result == "handed_back":
+            self.notifications.jobs_created()  # another replica may start them now
             logger.info(
                 "shutting down: handed %d unfinished jobs back to the queue, failed %d that had no attempt left",
                 len(rows) - len(failed), len(failed),
             )  # fmt: skip
-        self.notifications.jobs_ended(failed)
-        if any(row["status"] == "pending" and row["delay"] == 0 for row in rows):
-            self.notifications.jobs_created()
 
     async def write_results(self) -> None:
         """Wait for finished jobs, then write all of them at once."""
@@ -845,16 +928,20 @@ class Worker:
         async with self.writing:
             await self.complete(self.finished[:])
 
-    async def complete(self, batch: list[tuple[Claim, str, list[str]]]) -> None:
-        """Record finished jobs as completed in one statement; release their slots."""
+    async def complete(self, batch: list[tuple[Claim, str, list[Image]]]) -> None:
+        """Record finished jobs as completed in one statement, with the pictures sent as bytes; free their slots."""
         if not batch:
             return
         ordered = sorted(batch)  # by job id: see EXTEND_LEASES
-        ids, attempts = fenced(claim for claim, _, _ in ordered)
-        animals, urls = [animal for _, animal, _ in ordered], [json.dumps(urls) for _, _, urls in ordered]
-        written = {
-            (row["id"], row["attempts"]) for row in await self.pool.fetch(COMPLETE_JOBS, ids, attempts, animals, urls)
-        }
+        urls, stored = [], []
+        for claim, _, images in ordered:
+            paths = [f"/generations/{claim.job_id}/images/{n}" for n in range(1, len(images) + 1)]
+            urls.append(json.dumps([i if isinstance(i, str) else path for i, path in zip(images, paths, strict=True)]))
+            stored += [(claim.job_id, n, *i) for n, i in enumerate(images, 1) if not isinstance(i, str)]
+        animals = [animal for _, animal, _ in ordered]
+        columns = [list(column) for column in zip(*stored, strict=True)] or [[], [], [], []]
+        rows = await self.pool.fetch(COMPLETE_JOBS, *fenced(c for c, _, _ in ordered), animals, urls, *columns)
+        written = {(row["id"], row["attempts"]) for row in rows}
         del self.finished[: len(batch)]
         for claim, _, _ in batch:
             if (claim.job_id, claim.attempt) in written:
@@ -874,14 +961,17 @@ class Worker:
         """Every third of a lease, extend the leases of held jobs; stop those no longer ours."""
         await asyncio.sleep(self.settings.job_lease_seconds / 3)
         claims = sorted(self.held)
-        if not claims:
-            return
-        rows = await self.pool.fetch(EXTEND_LEASES, *fenced(claims), self.settings.job_lease_seconds)
-        kept = {(row["id"], row["attempts"]) for row in rows}
+        if claims:
+            rows = await self.pool.fetch(EXTEND_LEASES, *fenced(claims), self.settings.job_lease_seconds)
+            kept = {(row["id"], row["attempts"]) for row in rows}
+            self.stop_lost(claim for claim in claims if (claim.job_id, claim.attempt) not in kept)
+
+    def stop_lost(self, claims: Iterable[Claim]) -> None:
+        """Stop running jobs whose claim is lost (cancelled, ended or taken over): their writes would
+        be fenced anyway. A finished one's outcome is being written, and that write is fenced too."""
         for claim in claims:
             task = self.held.get(claim)
-            # A finished task's outcome is being written, and that write is fenced too.
-            if (claim.job_id, claim.attempt) not in kept and task and not task.done():
+            if task and not task.done():
                 logger.warning("job %s attempt %d: claim lost (cancelled or taken over), stopping it", *claim[:2])
                 task.cancel()
                 self.metrics.attempts.labels("lost").inc()
@@ -1145,6 +1235,15 @@ async def cancel_generation(request: Request) -> Response:
     return job_response(job)
 
 
+async def get_image(request: Request) -> Response:
+    """GET /generations/{id}/images/{n}: a picture the provider sent as bytes; it never changes."""
+    image = await request.state.pool.fetchrow(SELECT_IMAGE, read_job_id(request), request.path_params["n"])
+    if image is None:
+        raise HTTPException(404, "Image not found")
+    headers = {"Cache-Control": "public, max-age=31536000, immutable"}
+    return Response(image["data"], media_type=image["content_type"], headers=headers)
+
+
 async def health(request: Request) -> Response:
     """GET /health: the process answers. Never touches the database."""
     return JSONResponse({"status": "ok", "version": VERSION})
@@ -1393,6 +1492,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         Route("/generations/batch", create_batch, methods=["POST"]),
         Route("/generations/{job_id}", get_generation),
         Route("/generations/{job_id}/cancel", cancel_generation, methods=["POST"]),
+        Route("/generations/{job_id}/images/{n:int}", get_image),
     ]
     handlers = {HTTPException: http_error, Exception: internal_error}
     handlers |= {error: database_unavailable for error in DATABASE_UNAVAILABLE}

@@ -53,3 +53,13 @@ DROP FUNCTION IF EXISTS notify_generations_done();
 -- The hash of the schema.sql applied last (one row), so that a start with the schema
 -- current reads one row and takes no lock on jobs.
 CREATE TABLE IF NOT EXISTS schema_version (version text NOT NULL);
+
+-- Pictures a provider sent as bytes (base64), served at /generations/{id}/images/{n} (n from 1);
+-- they go with their job.
+CREATE TABLE IF NOT EXISTS images (
+    job_id uuid NOT NULL REFERENCES jobs ON DELETE CASCADE,
+    position integer NOT NULL,
+    content_type text NOT NULL,
+    data bytea NOT NULL,
+    PRIMARY KEY (job_id, position)
+);
