@@ -129,3 +129,45 @@ async def eventually(check: Callable[[], Awaitable[Any]], within: float = 10.0) 
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError(f"condition not met within {within}s (last result: {result!r})")
         await asyncio.sleep(0.02)
+
+
+# --- PgBouncer -------------------------------------------------------------------------------
+# A real PgBouncer (scripts/pgbouncer.py) in transaction pooling mode in front of the session's
+# server, installed from Debian's packages when missing and we are root. (Imported here so that
+# this block stands on its own.)
+
+from urllib.parse import urlsplit  # noqa: E402
+
+from scripts.pgbouncer import PgBouncer, installed  # noqa: E402
+
+# PgBouncer's server connections per database: fewer than the clients that tests open through it.
+PGBOUNCER_POOL_SIZE = 4
+
+
+def installed_or_skip(program: str, *, package: str) -> str:
+    """The path of `program`, installed from Debian's `package` if need be (as root, as in CI); where we
+    are not root and it is missing, the test is skipped with the command that installs it."""
+    try:
+        return installed(program, package=package)
+    except RuntimeError as error:
+        if os.geteuid() != 0:
+            pytest.skip(str(error))
+        raise
+
+
+@pytest.fixture(scope="session")
+def pgbouncer_url(server_url: str) -> Iterator[str]:
+    """A PgBouncer in transaction pooling mode, PGBOUNCER_POOL_SIZE server connections per database,
+    in front of the session's server: the URL of the maintenance database through it."""
+    installed_or_skip("pgbouncer", package="pgbouncer")
+    bouncer = PgBouncer(server_url, pool_size=PGBOUNCER_POOL_SIZE).start()
+    try:
+        yield bouncer.url(urlsplit(server_url).path.lstrip("/") or "postgres")
+    finally:
+        bouncer.stop()
+
+
+@pytest.fixture
+def pgbouncer_db_url(pgbouncer_url: str, db_url: str) -> str:
+    """The test's own database (see db_url), through the session's PgBouncer."""
+    return database_url(pgbouncer_url, urlsplit(db_url).path.lstrip("/"))
