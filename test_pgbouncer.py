@@ -1,15 +1,18 @@
-"""PgBouncer in transaction pooling mode, as the service may be deployed behind it.
+"""PgBouncer in transaction pooling mode, as the service may be deployed behind it, and promtool.
 
 PgBouncer 1.18 (Debian 12's) cannot keep prepared statements across transactions, and a LISTEN
 through it hears nothing from other sessions.
 """
 
 import asyncio
+from collections.abc import Callable
 
 import asyncpg
 import pytest
 
 from conftest import PGBOUNCER_POOL_SIZE, eventually
+
+CheckMetrics = Callable[[str], None]
 
 # --- The test setup itself ---------------------------------------------------------------------
 
@@ -61,3 +64,13 @@ async def test_listen_through_pgbouncer_hears_no_other_session(pgbouncer_db_url:
 async def _has(heard: list[str], payload: str) -> bool:
     """True once `payload` was heard."""
     return payload in heard
+
+
+def test_check_metrics_passes_a_clean_exposition_and_fails_a_broken_one(check_metrics: CheckMetrics) -> None:
+    """check_metrics accepts a well-formed exposition, and fails the test, quoting promtool, for a
+    counter without the _total suffix and for a line that does not parse."""
+    check_metrics("# HELP jobs_created_total Jobs created.\n# TYPE jobs_created_total counter\njobs_created_total 3\n")
+    with pytest.raises(pytest.fail.Exception, match='should have "_total" suffix'):
+        check_metrics("# HELP jobs_created Jobs created.\n# TYPE jobs_created counter\njobs_created 3\n")
+    with pytest.raises(pytest.fail.Exception, match="parsing error"):
+        check_metrics('# HELP jobs Jobs.\n# TYPE jobs gauge\njobs{status="done" 3\n')
