@@ -127,3 +127,68 @@ async def eventually(check: Callable[[], Awaitable[Any]], within: float = 10.0) 
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError(f"condition not met within {within}s (last result: {result!r})")
         await asyncio.sleep(0.02)
+
+
+# --- PgBouncer and promtool ------------------------------------------------------------------
+# A real PgBouncer (scripts/pgbouncer.py) in transaction pooling mode in front of the session's
+# server, and Prometheus's promtool to lint metrics expositions. Each is installed from Debian's
+# packages when missing and we are root. (Imported here so that this block stands on its own.)
+
+import subprocess  # noqa: E402
+from urllib.parse import urlsplit  # noqa: E402
+
+from scripts.pgbouncer import PgBouncer, installed  # noqa: E402
+
+# PgBouncer's server connections per database: fewer than the clients that tests open through it.
+PGBOUNCER_POOL_SIZE = 4
+
+
+def installed_or_skip(program: str, *, package: str) -> str:
+    """The path of `program`, installed from Debian's `package` if need be (as root, as in CI); where we
+    are not root and it is missing, the test is skipped with the command that installs it."""
+    try:
+        return installed(program, package=package)
+    except RuntimeError as error:
+        if os.geteuid() != 0:
+            pytest.skip(str(error))
+        raise
+
+
+@pytest.fixture(scope="session")
+def pgbouncer_url(server_url: str) -> Iterator[str]:
+    """A PgBouncer in transaction pooling mode, PGBOUNCER_POOL_SIZE server connections per database,
+    in front of the session's server: the URL of the maintenance database through it."""
+    installed_or_skip("pgbouncer", package="pgbouncer")
+    bouncer = PgBouncer(server_url, pool_size=PGBOUNCER_POOL_SIZE).start()
+    try:
+        yield bouncer.url(urlsplit(server_url).path.lstrip("/") or "postgres")
+    finally:
+        bouncer.stop()
+
+
+@pytest.fixture
+def pgbouncer_db_url(pgbouncer_url: str, db_url: str) -> str:
+    """The test's own database (see db_url), through the session's PgBouncer."""
+    return database_url(pgbouncer_url, urlsplit(db_url).path.lstrip("/"))
+
+
+@pytest.fixture(scope="session")
+def promtool() -> str:
+    """The path of Prometheus's promtool (Debian package `prometheus`)."""
+    return installed_or_skip("promtool", package="prometheus")
+
+
+@pytest.fixture
+def check_metrics(promtool: str) -> Callable[[str], None]:
+    """check_metrics(text) fails the test with promtool's words unless `text` is a clean Prometheus
+    text exposition. Both kinds of finding count: a line that does not parse (promtool exits 1)
+    and any lint finding (exit 3: a counter without _total, no HELP, a non-base unit such as
+    milliseconds, a camelCase name), since an exposition we write ourselves has no excuse for
+    either. promtool 2.42 (Debian 12) does not report duplicate series."""
+
+    def check(text: str) -> None:
+        done = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True)
+        if done.returncode != 0:
+            pytest.fail(f"promtool check metrics found problems (exit {done.returncode}):\n{done.stdout}{done.stderr}")
+
+    return check
