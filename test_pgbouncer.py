@@ -8,8 +8,6 @@ contention, that asyncpg setting alone takes the errors to none. `pytest -s` sho
 """
 
 import asyncio
-import dataclasses
-import os
 import re
 import time
 from collections import Counter
@@ -20,14 +18,8 @@ import aiohttp
 import asyncpg
 import pytest
 
-import app
 from conftest import PGBOUNCER_POOL_SIZE, eventually
 from scripts.service import Service
-
-# The settings the end-to-end test gives the service; it runs once app.Settings reads them all,
-# or now with PGBOUNCER_E2E=1 (it then shows what goes wrong without them).
-PGBOUNCER_SETTINGS = {"listen_database_url", "db_statement_cache_size"}
-MISSING_SETTINGS = PGBOUNCER_SETTINGS - {field.name for field in dataclasses.fields(app.Settings)}
 
 # The worker's DEBUG line for each provider call: one per attempt.
 PROVIDER_CALL = re.compile(r"job ([0-9a-f-]{36}) attempt (\d+): generating (\d+) (\w+) images")
@@ -101,11 +93,6 @@ def test_check_metrics_passes_a_clean_exposition_and_fails_a_broken_one(check_me
 
 
 @pytest.mark.chaos
-@pytest.mark.skipif(
-    bool(MISSING_SETTINGS) and os.environ.get("PGBOUNCER_E2E") != "1",
-    reason=f"app.py does not read {', '.join(sorted(name.upper() for name in MISSING_SETTINGS))} yet "
-    "(set PGBOUNCER_E2E=1 to run it anyway)",
-)
 async def test_three_replicas_through_pgbouncer_complete_each_job_exactly_once(
     pgbouncer_db_url: str, db_url: str, tmp_path: Path
 ) -> None:
