@@ -18,6 +18,7 @@ import aiohttp
 import asyncpg
 import pytest
 
+import app
 from conftest import PGBOUNCER_POOL_SIZE, eventually
 from scripts.service import Service
 
@@ -167,3 +168,26 @@ async def _post_job(session: aiohttp.ClientSession, service: Service) -> tuple[i
 async def _none_unfinished(db: asyncpg.Connection) -> bool:
     """True when no job is pending or processing."""
     return await db.fetchval("SELECT count(*) FROM jobs WHERE status IN ('pending', 'processing')") == 0
+
+
+async def test_with_listen_through_pgbouncer_the_service_polls_and_says_so(
+    pgbouncer_db_url: str, db_url: str, tmp_path: Path
+) -> None:
+    """With LISTEN_DATABASE_URL through PgBouncer in transaction mode (where LISTEN hears nothing),
+    the service logs once that notifications do not arrive, reports generations_listen_connected 0,
+    and still runs a job posted to another replica, found by polling."""
+    env = {"DB_STATEMENT_CACHE_SIZE": 0, "WORKER_POLL_INTERVAL": 0.2, "IMAGE_PROVIDER_DELAY": 0}
+    service = Service(pgbouncer_db_url, tmp_path / "service.log", **env)  # LISTEN_DATABASE_URL: DATABASE_URL
+    db = await asyncpg.connect(db_url)
+    try:
+        await asyncio.to_thread(service.start)
+        await eventually(lambda: asyncio.to_thread(lambda: "notifications do not arrive" in service.log()))
+        async with aiohttp.ClientSession() as session, session.get(f"{service.url}/metrics") as response:
+            assert "generations_listen_connected 0.0" in await response.text()
+        [job] = await db.fetch(app.INSERT_JOBS, [1], None, False)  # another replica's POST
+        await db.execute(app.NOTIFY, ["generations_new"], [""])  # and its announcement, which is lost here
+        await eventually(lambda: db.fetchval("SELECT status = 'completed' FROM jobs WHERE id = $1", job["id"]))
+        assert service.log().count("notifications do not arrive") == 1
+    finally:
+        await asyncio.to_thread(service.stop)
+        await db.close()
