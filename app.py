@@ -710,7 +710,8 @@ class Notifications:
             connection.add_termination_listener(lambda _: lost.set())
             await connection.add_listener("generations_new", lambda *_: self.on_new_job())
             await connection.add_listener("generations_done", self._jobs_done)
-            await connection.add_listener("generations_ping", lambda *args: args[3] == self.nonce and pong.set())
+            # A listener gets (connection, pid, channel, payload); ours is the ping with our nonce.
+            await connection.add_listener("generations_ping", lambda *args: args[-1] == self.nonce and pong.set())
             # Whatever was sent while we were not listening is lost: look again now.
             self.on_new_job()
             self.wake_all_waiters()
@@ -806,7 +807,7 @@ class Worker:
         connections = aiohttp.TCPConnector(limit=settings.worker_concurrency)
         self.http = aiohttp.ClientSession(connector=connections, timeout=aiohttp.ClientTimeout(total=None))
         notifications.on_new_job = self.wakeup.set
-        notifications.on_jobs_ended = lambda job_ids: self.stop_lost(c for c in self.held if str(c.job_id) in job_ids)
+        notifications.on_jobs_ended = lambda ids: self.stop_lost([c for c in self.held if str(c.job_id) in ids])
 
     def start(self) -> list[asyncio.Task[None]]:
         return [
