@@ -5,16 +5,20 @@
     python3 scripts/dev.py test     run the tests (extra arguments go to pytest), then ruff
 
 Both make .venv (or reuse it) and install requirements-dev.txt into it whenever the
-requirements change. `serve` uses DATABASE_URL when it is set; otherwise it starts the
-embedded PostgreSQL, with its data kept in .data/postgres across restarts.
+requirements change. `serve` uses DATABASE_URL when it is set; otherwise it runs the
+embedded PostgreSQL, its data kept in $GENERATIONS_DATA_DIR/postgres (default .data/postgres).
+The serve that starts this server stops it when it exits; another serve meanwhile (a replica
+on another PORT) uses it and leaves it running.
 """
 
+import contextlib
 import hashlib
 import os
 import signal
 import subprocess
 import sys
 import venv
+from collections.abc import Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -22,6 +26,7 @@ VENV = ROOT / ".venv"
 PYTHON = VENV / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
 REQUIREMENTS = [ROOT / "requirements.txt", ROOT / "requirements-dev.txt"]
 STAMP = VENV / "requirements.sha256"
+DATA = Path(os.environ.get("GENERATIONS_DATA_DIR") or ROOT / ".data").resolve()
 
 
 def ensure_venv() -> None:
@@ -37,25 +42,33 @@ def ensure_venv() -> None:
         STAMP.write_text(digest)
 
 
+@contextlib.contextmanager
+def database(env: dict[str, str]) -> Iterator[None]:
+    """Point env's DATABASE_URL at the embedded server, unless it names a server already."""
+    if env.get("DATABASE_URL"):
+        yield
+        return
+    from scripts.pg import ServerUnavailable, shared_server  # importable only inside .venv
+
+    try:
+        with shared_server(DATA / "postgres") as (url, owner):
+            whose = f", the one of process {owner}: it stops when that process does" if owner else ""
+            print(f"dev: embedded PostgreSQL at {url}{whose}", flush=True)
+            env["DATABASE_URL"] = url
+            yield
+    except ServerUnavailable as error:
+        raise SystemExit(f"dev: {error}; stop that process, or set DATABASE_URL") from None
+
+
 def serve() -> int:
     """Run app.py on DATABASE_URL, or on the embedded PostgreSQL when it is not set."""
     env = dict(os.environ)
-    server = None
-    if not env.get("DATABASE_URL"):
-        from scripts.pg import EmbeddedPostgres
-
-        server = EmbeddedPostgres(ROOT / ".data" / "postgres")
-        env["DATABASE_URL"] = server.url
-        print(f"dev: embedded PostgreSQL at {server.url}", flush=True)
-    service = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=env)
-    # Ctrl-C reaches the service directly (same terminal); a SIGTERM sent to us is passed on.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, lambda signum, _: service.send_signal(signum))
-    try:
+    with database(env):
+        service = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=env)
+        # Ctrl-C reaches the service directly (same terminal); a SIGTERM sent to us is passed on.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, lambda signum, _: service.send_signal(signum))
         return service.wait()
-    finally:
-        if server:
-            server.close()  # stop PostgreSQL; its data stays in .data/postgres
 
 
 def test(pytest_args: list[str]) -> int:
