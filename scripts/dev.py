@@ -8,7 +8,9 @@ Both make .venv (or reuse it) and install requirements-dev.txt into it whenever 
 requirements change. `serve` uses DATABASE_URL when it is set; otherwise it runs the
 embedded PostgreSQL, its data kept in $GENERATIONS_DATA_DIR/postgres (default .data/postgres).
 The serve that starts this server stops it when it exits; another serve meanwhile (a replica
-on another PORT) uses it and leaves it running.
+on another PORT) uses it and leaves it running. Ctrl-C, or SIGINT, SIGTERM or SIGHUP sent to
+dev.py, stops the service gracefully, then the server, and exits with 128 + the signal's
+number (130 for Ctrl-C), as a shell reports a command it interrupted.
 """
 
 import contextlib
@@ -60,15 +62,35 @@ def database(env: dict[str, str]) -> Iterator[None]:
         raise SystemExit(f"dev: {error}; stop that process, or set DATABASE_URL") from None
 
 
+def run_service(env: dict[str, str]) -> int:
+    """Run app.py until it exits, stopping it when we get a stop signal; its exit status, in shell terms."""
+    received: list[int] = []
+    service: subprocess.Popen[bytes] | None = None
+
+    def stop(signum: int, _frame: object) -> None:
+        received.append(signum)
+        if service is not None:
+            service.terminate()
+
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, stop)
+    # In its own process group, app.py does not get the terminal's Ctrl-C: only we do, and pass it on
+    # once (a second SIGINT makes uvicorn skip its graceful shutdown). We pass it on as SIGTERM, which
+    # uvicorn handles the same way, but after which it ends quietly rather than with a KeyboardInterrupt.
+    service = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=env, process_group=0)
+    if received:  # arrived while it was being started
+        service.terminate()
+    status = service.wait()
+    if received:
+        return 128 + received[0]
+    return 128 - status if status < 0 else status  # -N: app.py was killed by signal N
+
+
 def serve() -> int:
     """Run app.py on DATABASE_URL, or on the embedded PostgreSQL when it is not set."""
     env = dict(os.environ)
     with database(env):
-        service = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=env)
-        # Ctrl-C reaches the service directly (same terminal); a SIGTERM sent to us is passed on.
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, lambda signum, _: service.send_signal(signum))
-        return service.wait()
+        return run_service(env)
 
 
 def test(pytest_args: list[str]) -> int:
@@ -93,4 +115,7 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # Ctrl-C before the service runs: the with blocks have cleaned up
+        sys.exit(130)
