@@ -1,16 +1,22 @@
 #!/usr/bin/env python3
 """The two commands of the README, on any machine with Python 3.11+ and nothing else.
 
-    python3 scripts/dev.py serve    run the service on port 8000
-    python3 scripts/dev.py test     run the tests (extra arguments go to pytest), then ruff
+usage: python3 scripts/dev.py serve | test [pytest arguments] | help
 
-Both make .venv (or reuse it) and install requirements-dev.txt into it whenever the
-requirements change. `serve` uses DATABASE_URL when it is set; otherwise it runs the
-embedded PostgreSQL, its data kept in $GENERATIONS_DATA_DIR/postgres (default .data/postgres).
-The serve that starts this server stops it when it exits; another serve meanwhile (a replica
-on another PORT) uses it and leaves it running. Ctrl-C, or SIGINT, SIGTERM or SIGHUP sent to
+  serve   run the service, app.py, on port 8000
+  test    run the tests (extra arguments go to pytest), then ruff
+
+serve passes its environment on to the service, so every variable of the README's
+Configuration works here too: PORT=8001 WORKER_CONCURRENCY=5 python3 scripts/dev.py serve.
+With DATABASE_URL set, the service uses that server. Without it, serve runs the embedded
+PostgreSQL, its data kept in $GENERATIONS_DATA_DIR/postgres (default .data/postgres). The
+serve that starts this server stops it when it exits; another serve meanwhile (a replica on
+another PORT) uses it and leaves it running. Ctrl-C, or SIGINT, SIGTERM or SIGHUP sent to
 dev.py, stops the service gracefully, then the server, and exits with 128 + the signal's
 number (130 for Ctrl-C), as a shell reports a command it interrupted.
+
+Each command makes .venv (or reuses it) and installs requirements-dev.txt into it whenever
+the requirements change.
 """
 
 import contextlib
@@ -100,11 +106,16 @@ def test(pytest_args: list[str]) -> int:
     return 1 if failed else 0
 
 
-def main() -> int:
-    """Prepare .venv, step into it, and run the command."""
-    command, *args = sys.argv[1:] or ["help"]
-    if command not in ("serve", "test"):
+def main(argv: list[str]) -> int:
+    """Check the command, prepare .venv, step into it, and run the command."""
+    command, *args = argv or [""]
+    if command in ("help", "-h", "--help"):
         print(__doc__)
+        return 0
+    if command not in ("serve", "test"):
+        if command:
+            print(f"dev: unknown command {command!r}", file=sys.stderr)
+        print(__doc__, file=sys.stderr)
         return 2
     ensure_venv()
     if Path(sys.prefix).resolve() != VENV.resolve():  # not yet inside .venv: become the same command there
@@ -116,6 +127,6 @@ def main() -> int:
 
 if __name__ == "__main__":
     try:
-        sys.exit(main())
+        sys.exit(main(sys.argv[1:]))
     except KeyboardInterrupt:  # Ctrl-C before the service runs: the with blocks have cleaned up
         sys.exit(130)
