@@ -160,17 +160,14 @@ class Settings:
             raise ConfigError(
                 "DATABASE_URL is not set: give it a PostgreSQL URL, postgresql://user:password@host:5432/db"
             )
-        for name in ("database_url", "listen_database_url"):
-            url = getattr(self, name)
-            if url and urlsplit(url).scheme not in ("postgresql", "postgres"):
-                raise ConfigError(f"{name.upper()} must be a PostgreSQL URL, postgresql://user:password@host:5432/db")
         for field in dataclasses.fields(self):
-            low, high, choices = field.metadata.get("low"), field.metadata.get("high"), field.metadata.get("choices")
-            value = getattr(self, field.name)
-            if low is not None and not low <= value <= high:  # NaN fails this too
-                raise ConfigError(f"{field.name.upper()} must be between {low} and {high}, got {value!r}")
-            if choices and value not in choices:
-                raise ConfigError(f"{field.name.upper()} must be one of {', '.join(choices)}, got {value!r}")
+            name, value, rule = field.name.upper(), getattr(self, field.name), field.metadata
+            if rule.get("low") is not None and not rule["low"] <= value <= rule["high"]:  # NaN fails this too
+                raise ConfigError(f"{name} must be between {rule['low']} and {rule['high']}, got {value!r}")
+            if value not in (rule.get("choices") or (value,)):
+                raise ConfigError(f"{name} must be one of {', '.join(rule['choices'])}, got {value!r}")
+            if name.endswith("DATABASE_URL") and value and urlsplit(value).scheme not in ("postgresql", "postgres"):
+                raise ConfigError(f"{name} must be a PostgreSQL URL, postgresql://user:password@host:5432/db")
         if self.image_provider != "mock" and urlsplit(self.image_provider_url).scheme not in ("http", "https"):
             raise ConfigError(f"IMAGE_PROVIDER_URL must be an http(s) URL for IMAGE_PROVIDER={self.image_provider}")
         if self.db_pool_min_size > self.db_pool_max_size:
