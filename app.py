@@ -87,6 +87,8 @@ QUERY_TIMEOUT_SECONDS = 4.0
 ERROR_BACKOFF_SECONDS = 1.0
 # How often the LISTEN connection proves that notifications arrive (a ping it sends itself).
 LISTEN_CHECK_SECONDS = 5.0
+# When they do not arrive, how long until a new LISTEN connection is tried.
+LISTEN_RETRY_SECONDS = 30.0
 # Retry backoff: 0.5 s, 1 s, 2 s, ... up to 60 s, each with jitter.
 RETRY_BASE_SECONDS, RETRY_MAX_SECONDS = 0.5, 60.0
 # Expired jobs are deleted this often, this many per statement: short transactions.
@@ -166,10 +168,12 @@ class Settings:
                 raise ConfigError(f"{name} must be between {rule['low']} and {rule['high']}, got {value!r}")
             if value not in (rule.get("choices") or (value,)):
                 raise ConfigError(f"{name} must be one of {', '.join(rule['choices'])}, got {value!r}")
-            if name.endswith("DATABASE_URL") and value and urlsplit(value).scheme not in ("postgresql", "postgres"):
+            if name.endswith("DATABASE_URL") and value and not is_postgresql_url(value):
                 raise ConfigError(f"{name} must be a PostgreSQL URL, postgresql://user:password@host:5432/db")
         if self.image_provider != "mock" and urlsplit(self.image_provider_url).scheme not in ("http", "https"):
             raise ConfigError(f"IMAGE_PROVIDER_URL must be an http(s) URL for IMAGE_PROVIDER={self.image_provider}")
+        if 0 < self.job_retention_seconds < 1:
+            raise ConfigError("JOB_RETENTION_SECONDS must be 0 (keep every job) or at least 1")
         if self.db_pool_min_size > self.db_pool_max_size:
             raise ConfigError("DB_POOL_MIN_SIZE must not be larger than DB_POOL_MAX_SIZE")
 
@@ -191,19 +195,27 @@ def _parse_setting(field: dataclasses.Field, raw: str) -> object:
     return next((choice for choice in choices or () if choice.lower() == raw.lower()), raw)
 
 
+def is_postgresql_url(url: str) -> bool:
+    try:
+        return urlsplit(url).scheme in ("postgresql", "postgres") and bool(database_address(url))
+    except ValueError:  # a port that is not a number
+        return False
+
+
 def database_address(url: str) -> str:
     """The host:port (or socket directory:port) a PostgreSQL URL points at; never its password."""
-    parts = urlsplit(url)
-    query = parse_qs(parts.query)
+    parts, query = urlsplit(url), parse_qs(urlsplit(url).query)
     host = query.get("host", [parts.hostname or "localhost"])[0]
-    return f"{host}:{query.get('port', [parts.port or 5432])[0]}"
+    return f"{host}:{query.get('port', [parts.port or 5432])[0]}"  # .port raises ValueError for a bad one
 
 
 # --- SQL -----------------------------------------------------------------------------------
 # Every statement the service runs. $n parameters only; the schema is in schema.sql.
 
 # What every statement that returns jobs returns (job_json turns a row into the API's shape).
-JOB_COLUMNS = "id, status, num_images, animal, image_urls, error, attempts, created_at, updated_at, completed_at"
+JOB_COLUMNS = (
+    "id, status, num_images, animal, image_urls, error, attempts, created_at, updated_at, completed_at, batch_index"
+)
 
 # The hash of the schema.sql the database has. The table is missing before the first start.
 SELECT_SCHEMA_VERSION = "SELECT version FROM schema_version"
@@ -218,18 +230,21 @@ LIMIT_LOCK_WAIT = "SET LOCAL lock_timeout = '1s'"
 # Record the schema.sql just applied.
 SET_SCHEMA_VERSION = "WITH old AS (DELETE FROM schema_version) INSERT INTO schema_version (version) VALUES ($1)"
 
-# Create one job per element of $1 (numImages), in one statement: a POST makes one, a batch
-# ($3 true) many, each remembering its position. A reused Idempotency-Key ($2) violates
-# jobs_idempotency_key and inserts nothing.
-INSERT_JOBS = f"""
-INSERT INTO jobs (num_images, idempotency_key, batch_index)
-SELECT item.num_images, $2, CASE WHEN $3 THEN item.position - 1 END
-FROM unnest($1::int[]) WITH ORDINALITY AS item(num_images, position)
-RETURNING {JOB_COLUMNS}, batch_index
+# Create a job. A reused Idempotency-Key ($2) violates jobs_idempotency_key: nothing is inserted.
+INSERT_JOB = f"INSERT INTO jobs (num_images, idempotency_key) VALUES ($1, $2) RETURNING {JOB_COLUMNS}"
+
+# Create a batch of jobs in one statement, one per element of $1 (numImages), each with its
+# position. A reused Idempotency-Key ($2) violates jobs_batch_key: nothing is inserted.
+INSERT_BATCH = f"""
+INSERT INTO jobs (num_images, batch_key, batch_index)
+SELECT item.num_images, $2, item.position - 1 FROM unnest($1::int[]) WITH ORDINALITY AS item(num_images, position)
+RETURNING {JOB_COLUMNS}
 """
 
-# The jobs an earlier request with this Idempotency-Key made, in request order.
-SELECT_JOBS_BY_KEY = f"SELECT {JOB_COLUMNS}, batch_index FROM jobs WHERE idempotency_key = $1 ORDER BY batch_index"
+# The job, or the batch's jobs in order, that an earlier request with this Idempotency-Key made.
+# A key names a request to one endpoint: the keys of single and batch POSTs are apart.
+SELECT_JOB_BY_KEY = f"SELECT {JOB_COLUMNS} FROM jobs WHERE idempotency_key = $1"
+SELECT_BATCH_BY_KEY = f"SELECT {JOB_COLUMNS} FROM jobs WHERE batch_key = $1 ORDER BY batch_index"
 
 # One job by id.
 SELECT_JOB = f"SELECT {JOB_COLUMNS} FROM jobs WHERE id = $1"
@@ -510,7 +525,9 @@ def retry_after(value: str | None) -> float | None:
     """A Retry-After header (seconds or an HTTP date) in seconds, at most a minute."""
     with contextlib.suppress(TypeError, ValueError):
         seconds = (
-            float(value) if value.strip().isdigit() else (parsedate_to_datetime(value) - datetime.now(UTC)).seconds
+            float(value)
+            if value.strip().isdigit()
+            else (parsedate_to_datetime(value) - datetime.now(UTC)).total_seconds()
         )
         return min(max(seconds, 0.0), MAX_RETRY_AFTER_SECONDS)
     return None
@@ -718,7 +735,8 @@ class Notifications:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(pong.wait(), QUERY_TIMEOUT_SECONDS)
                 self._note_arriving(pong.is_set())
-                if not pong.is_set():
+                if not pong.is_set():  # try a new connection later; poll meanwhile
+                    await asyncio.sleep(LISTEN_RETRY_SECONDS)
                     return
                 self.outage.over()
                 with contextlib.suppress(TimeoutError):
@@ -864,13 +882,15 @@ class Worker:
                 claim = Claim(row["id"], row["attempts"], row["num_images"])
                 self.held[claim] = asyncio.create_task(self.run_job(claim))
                 self.metrics.job_wait.observe(float(row["waited"]))
-        self.notifications.jobs_ended(row["id"] for row in rows if not row["runnable"])
+        abandoned = [row["id"] for row in rows if not row["runnable"]]
+        self.metrics.attempts.labels("failed").inc(len(abandoned))  # their last attempt, cut short
+        self.notifications.jobs_ended(abandoned)
         return len(rows)
 
     async def run_job(self, claim: Claim) -> None:
         """Run one attempt: its result joins the next batch; a failure is recorded at once."""
         log_context.set({"job_id": str(claim.job_id), "attempt": claim.attempt})
-        animal = random.choice(ANIMALS)
+        animal = ANIMALS[claim.job_id.int % len(ANIMALS)]  # random, since ids are; the same on every attempt
         logger.debug("job %s attempt %d: generating %d %s images", *claim, animal)
         timeout, settings = self.settings.job_timeout_seconds, self.settings
         error = ProviderError(f"the attempt timed out after {timeout:g}s (JOB_TIMEOUT_SECONDS)")
@@ -914,7 +934,7 @@ class Worker:
         if result == "handed_back":
             self.notifications.jobs_created()  # another replica may start them now
             logger.info(
-                "shutting down: handed %d unfinished jobs back to the queue, failed %d that had no attempt left",
+                "shutting down: unfinished jobs handed back to the queue: %d; failed for want of attempts: %d",
                 len(rows) - len(failed), len(failed),
             )  # fmt: skip
 
@@ -981,7 +1001,7 @@ class Worker:
         if not running:
             return
         grace = self.settings.shutdown_grace_seconds
-        logger.info("shutting down: waiting up to %ss for %d running jobs", grace, len(running))
+        logger.info("shutting down: waiting up to %ss for running jobs: %d", grace, len(running))
         _, unfinished = await asyncio.wait(running, timeout=grace)
         for task in unfinished:
             task.cancel()
@@ -1130,6 +1150,8 @@ async def wait_for_job(request: Request, job_id: uuid.UUID, seconds: float) -> a
                     return job
                 if disconnected.done() or state.shutting_down.is_set():
                     return job
+                if not state.notifications.arriving:  # nothing will wake us: look again at each poll interval
+                    remaining = min(remaining, state.settings.worker_poll_interval)
                 woken = asyncio.create_task(maybe_ended.wait())
                 await asyncio.wait({woken, disconnected}, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
                 woken.cancel()
@@ -1142,13 +1164,12 @@ async def insert_jobs(request: Request, sizes: list[int], batch: bool) -> tuple[
     Idempotency-Key made (200; 409 if that request asked for something else)."""
     state = request.state
     key = read_idempotency_key(request)
+    insert, select = (INSERT_BATCH, SELECT_BATCH_BY_KEY) if batch else (INSERT_JOB, SELECT_JOB_BY_KEY)
     try:
-        jobs = await state.pool.fetch(INSERT_JOBS, sizes, key, batch)
+        jobs = await state.pool.fetch(insert, sizes if batch else sizes[0], key)
     except asyncpg.UniqueViolationError:  # the key was used before: the same request gets the same jobs
-        jobs = await state.pool.fetch(SELECT_JOBS_BY_KEY, key)
-        if [(job["batch_index"], job["num_images"]) for job in jobs] != [
-            (position if batch else None, size) for position, size in enumerate(sizes)
-        ]:
+        jobs = await state.pool.fetch(select, key)
+        if [job["num_images"] for job in jobs] != sizes:
             raise HTTPException(409, "This Idempotency-Key was used with a different body; use a new key.") from None
         return jobs, 200
     state.metrics.jobs_created.inc(len(jobs))

@@ -24,7 +24,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     completed_at timestamptz
 );
 
--- A batch job's position in its request (0, 1, ...); NULL for a job made by a single POST.
+-- A batch's Idempotency-Key, and each job's position in its batch (NULL for a single POST).
+ALTER TABLE jobs ADD COLUMN IF NOT EXISTS batch_key text;
 ALTER TABLE jobs ADD COLUMN IF NOT EXISTS batch_index integer;
 
 -- The claim query walks this index in order and stops after as many rows as it needs:
@@ -37,11 +38,12 @@ CREATE INDEX IF NOT EXISTS jobs_claimable ON jobs (available_at)
 CREATE INDEX IF NOT EXISTS jobs_newest ON jobs (created_at, id);
 CREATE INDEX IF NOT EXISTS jobs_status_newest ON jobs (status, created_at, id);
 
--- Two requests with the same Idempotency-Key can race; this index lets exactly one insert
--- win. A batch's jobs share its key, one position each.
-CREATE UNIQUE INDEX IF NOT EXISTS jobs_idempotency_key_position ON jobs (idempotency_key, (coalesce(batch_index, 0)))
+-- Two requests with the same Idempotency-Key can race; these indexes let exactly one insert
+-- win: one for single POSTs, one for batches, whose jobs share their key.
+CREATE UNIQUE INDEX IF NOT EXISTS jobs_idempotency_key ON jobs (idempotency_key)
     WHERE idempotency_key IS NOT NULL;
-DROP INDEX IF EXISTS jobs_idempotency_key;  -- 1.0's: one job per key
+CREATE UNIQUE INDEX IF NOT EXISTS jobs_batch_key ON jobs (batch_key, batch_index)
+    WHERE batch_key IS NOT NULL;
 
 -- 1.0 announced jobs from per-row triggers, whose NOTIFY made inserts commit one at a time;
 -- the service now announces them itself, once per batch, after they commit.

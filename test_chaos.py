@@ -206,7 +206,7 @@ async def create_database(server: EmbeddedPostgres, name: str = "generations") -
 async def queue_job(db: asyncpg.Connection) -> uuid.UUID:
     """Queue a job straight into the database and announce it, with the API's own statements, as
     another replica would."""
-    [job] = await db.fetch(app.INSERT_JOBS, [1], None, False)
+    [job] = await db.fetch(app.INSERT_JOB, 1, None)
     await db.execute(app.NOTIFY, ["generations_new"], [""])
     return job["id"]
 

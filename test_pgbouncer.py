@@ -184,7 +184,7 @@ async def test_with_listen_through_pgbouncer_the_service_polls_and_says_so(
         await eventually(lambda: asyncio.to_thread(lambda: "notifications do not arrive" in service.log()))
         async with aiohttp.ClientSession() as session, session.get(f"{service.url}/metrics") as response:
             assert "generations_listen_connected 0.0" in await response.text()
-        [job] = await db.fetch(app.INSERT_JOBS, [1], None, False)  # another replica's POST
+        [job] = await db.fetch(app.INSERT_JOB, 1, None)  # another replica's POST
         await db.execute(app.NOTIFY, ["generations_new"], [""])  # and its announcement, which is lost here
         await eventually(lambda: db.fetchval("SELECT status = 'completed' FROM jobs WHERE id = $1", job["id"]))
         assert service.log().count("notifications do not arrive") == 1
