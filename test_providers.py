@@ -1,0 +1,293 @@
+"""Real image providers (IMAGE_PROVIDER=http|openai), against a real HTTP server the test scripts.
+
+Each test starts a small aiohttp server on 127.0.0.1 that answers the service's calls from a
+queue of scripted answers (status, headers, body, delay, or holding the call open) and records
+every request it received. The service runs in-process (conftest's `running`) unless a real
+process is the point: a kill -9, or the memory of the process that read a huge answer.
+"""
+
+import asyncio
+import base64
+import dataclasses
+import json
+import re
+import time
+import uuid
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Mapping
+from typing import Any
+
+import asyncpg
+import httpx
+import pytest
+from aiohttp import web
+from multidict import CIMultiDict
+
+import app
+from conftest import eventually, running
+
+SettingsFactory = Callable[..., app.Settings]
+
+KEY = "sk-test-SECRET123"  # distinctive, so that any trace of it in a log or a job is found
+MODES = ("http", "openai")
+# IMAGE_PROVIDER_URL for each mode (after the server's address), and the path the service calls.
+BASE_PATH = {"http": "/generate", "openai": "/v1"}
+CALLED_PATH = {"http": "/generate", "openai": "/v1/images/generations"}
+PNG_1 = b"\x89PNG\r\n\x1a\n" + bytes(range(256))  # any bytes will do: they must come back exact
+PNG_2 = b"\x89PNG\r\n\x1a\n" + bytes(range(255, -1, -1)) + b"\x00" * 7
+
+
+# --- The provider ----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Answer:
+    """One scripted answer: `status` with `headers` and a body (`json`, raw `body`, or a JSON
+    document of `size` bytes streamed in chunks, never whole in memory), sent after `delay`
+    seconds and once `hold` is set (an event never set: the call is never answered).
+    `echo_headers`: the body is the request's headers, as a careless provider's error page shows them."""
+
+    status: int = 200
+    json: Any = None
+    body: bytes | None = None
+    headers: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    delay: float = 0.0
+    hold: asyncio.Event | None = None
+    size: int = 0
+    echo_headers: bool = False
+
+
+@dataclasses.dataclass
+class Call:
+    """A request the provider received, when it came (time.monotonic()), when its client hung up
+    before the answer was done (`left`), and how many body bytes of a streamed answer went out."""
+
+    method: str
+    path: str
+    headers: CIMultiDict[str]
+    json: Any
+    at: float
+    left: float | None = None
+    sent: int = 0
+
+
+class Provider:
+    """A scripted image provider on 127.0.0.1: answers calls in order from `script`, records each
+    call in `calls`. A call with nothing scripted gets a 400 that says so (fails the job at once)."""
+
+    def __init__(self) -> None:
+        self.url = ""
+        self.answers: deque[Answer] = deque()
+        self.calls: list[Call] = []
+
+    def script(self, *answers: Answer) -> None:
+        self.answers.extend(answers)
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        raw = await request.read()
+        try:
+            body = json.loads(raw) if raw else None
+        except ValueError:
+            body = raw.decode(errors="replace")
+        call = Call(request.method, request.path, CIMultiDict(request.headers), body, time.monotonic())
+        self.calls.append(call)
+        answer = self.answers.popleft() if self.answers else Answer(400, body=b"no answer scripted for this call")
+        try:
+            if answer.hold is not None:
+                await answer.hold.wait()
+            await asyncio.sleep(answer.delay)
+            if answer.size:
+                return await self.stream(request, answer, call)
+        except asyncio.CancelledError:  # the client hung up (the runner cancels the handler)
+            call.left = time.monotonic()
+            raise
+        if answer.echo_headers:
+            body, content_type = json.dumps({"error": {"message": f"bad request: {dict(request.headers)}"}}), "json"
+            raw_body = body.encode()
+        elif answer.body is not None:
+            raw_body, content_type = answer.body, "plain"
+        else:
+            raw_body, content_type = json.dumps(answer.json).encode(), "json"
+        headers = {"Content-Type": f"{'application' if content_type == 'json' else 'text'}/{content_type}"}
+        return web.Response(status=answer.status, body=raw_body, headers={**headers, **answer.headers})
+
+    async def stream(self, request: web.Request, answer: Answer, call: Call) -> web.StreamResponse:
+        """A JSON answer of `answer.size` bytes, {"imageUrls": ["aaaa..."]}, without Content-Length."""
+        response = web.StreamResponse(status=answer.status, headers={"Content-Type": "application/json"})
+        await response.prepare(request)
+        head, tail = b'{"imageUrls": ["', b'"]}'
+        chunk = b"a" * (64 << 10)
+        try:
+            await response.write(head)
+            while call.sent < answer.size - len(chunk):
+                await response.write(chunk)
+                call.sent += len(chunk)
+            await response.write(tail)
+            await response.write_eof()
+        except (ConnectionError, asyncio.CancelledError):
+            call.left = time.monotonic()
+            raise
+        return response
+
+    async def received(self, count: int, within: float = 10.0) -> list[Call]:
+        """Wait until `count` calls have come; return them all."""
+
+        async def arrived() -> bool:
+            return len(self.calls) >= count
+
+        await eventually(arrived, within)
+        return self.calls
+
+    async def hung_up(self, call: Call, within: float) -> float:
+        """Wait until the call's client hangs up; return when it did."""
+
+        async def gone() -> float | None:
+            return call.left
+
+        return await eventually(gone, within)
+
+
+@pytest.fixture
+async def provider() -> AsyncIterator[Provider]:
+    """A scripted provider on a free port of 127.0.0.1, in the test's event loop."""
+    server = Provider()
+    web_app = web.Application()
+    web_app.router.add_route("*", "/{path:.*}", server.handle)
+    runner = web.AppRunner(web_app, handler_cancellation=True, access_log=None, shutdown_timeout=1)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    host, port = runner.addresses[0][:2]
+    server.url = f"http://{host}:{port}"
+    yield server
+    await runner.cleanup()
+
+
+def ok(mode: str, urls: list[str]) -> Answer:
+    """A 200 answer with these pictures, in the mode's shape (http URLs or data URIs)."""
+    if mode == "http":
+        return Answer(json={"imageUrls": urls})
+    return Answer(json={"created": 0, "data": [{"url": url} for url in urls]})
+
+
+def urls_for(job: str, count: int) -> list[str]:
+    return [f"https://images.example/{job}/{i}.png" for i in range(1, count + 1)]
+
+
+def provider_settings(
+    settings: SettingsFactory, provider: Provider, mode: str, key: str | None = KEY, **overrides: Any
+) -> app.Settings:
+    """Settings that point the service at the scripted provider in `mode`."""
+    url = provider.url + BASE_PATH[mode]
+    return settings(image_provider=mode, image_provider_url=url, image_provider_api_key=key, **overrides)
+
+
+# --- The service -----------------------------------------------------------------------------
+
+
+async def post_job(client: httpx.AsyncClient, num_images: int = 1) -> str:
+    """POST a job that must be accepted; its id."""
+    response = await client.post("/generations", json={"numImages": num_images})
+    assert response.status_code == 202, response.text
+    return response.json()["jobId"]
+
+
+async def job_in(client: httpx.AsyncClient, job_id: str, *statuses: str, within: float = 10.0) -> dict[str, Any]:
+    """Wait until the job has one of `statuses` (default: any final one); its JSON."""
+    wanted = statuses or tuple(app.TERMINAL_STATUSES)
+
+    async def reached() -> dict[str, Any] | None:
+        job = (await client.get(f"/generations/{job_id}")).json()
+        return job if job["status"] in wanted else None
+
+    return await eventually(reached, within)
+
+
+# --- Requests and answers --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("key", [KEY, None], ids=["with-key", "without-key"])
+async def test_http_mode_sends_the_job_and_completes_with_the_urls_it_got(
+    settings: SettingsFactory, provider: Provider, key: str | None
+) -> None:
+    """IMAGE_PROVIDER=http POSTs {"jobId", "attempt", "animal", "numImages", "prompt": "a cute
+    <animal>"} to IMAGE_PROVIDER_URL with Idempotency-Key: <jobId> and, when
+    IMAGE_PROVIDER_API_KEY is set (only then), Authorization: Bearer <key>; the job completes in
+    one attempt with exactly the URLs the provider answered, in order."""
+    urls = ["https://cdn.example/b.png", "http://cdn.example/a.png?x=1&y=2", "https://cdn.example/c"]
+    provider.script(ok("http", urls))
+    async with running(provider_settings(settings, provider, "http", key=key)) as client:
+        job_id = await post_job(client, 3)
+        job = await job_in(client, job_id)
+    assert (job["status"], job["imageUrls"], job["attempts"], job["error"]) == ("completed", urls, 1, None)
+    [call] = provider.calls
+    assert (call.method, call.path) == ("POST", "/generate")
+    assert call.json == {
+        "jobId": job_id,
+        "attempt": 1,
+        "animal": job["animal"],
+        "numImages": 3,
+        "prompt": f"a cute {job['animal']}",
+    }
+    assert job["animal"] in app.ANIMALS
+    assert call.headers["Idempotency-Key"] == job_id
+    assert call.headers["Content-Type"].startswith("application/json")
+    assert call.headers.get("Authorization") == (f"Bearer {key}" if key else None)
+
+
+async def test_http_mode_stores_data_uri_images_and_serves_them_until_the_job_is_deleted(
+    settings: SettingsFactory, provider: Provider, db: asyncpg.Connection
+) -> None:
+    """Pictures that come as data:image/png;base64, URIs are stored: the job's imageUrls are
+    /generations/<id>/images/1..n, each GET returns the exact bytes as image/png with a long
+    Cache-Control; when the job is deleted (as retention does), its images go with it (404)."""
+    uris = [f"data:image/png;base64,{base64.b64encode(png).decode()}" for png in (PNG_1, PNG_2)]
+    provider.script(ok("http", uris))
+    async with running(provider_settings(settings, provider, "http")) as client:
+        job_id = await post_job(client, 2)
+        job = await job_in(client, job_id)
+        paths = [f"/generations/{job_id}/images/1", f"/generations/{job_id}/images/2"]
+        assert (job["status"], job["imageUrls"]) == ("completed", paths)
+        for path, png in zip(paths, (PNG_1, PNG_2), strict=True):
+            response = await client.get(path)
+            assert response.status_code == 200
+            assert response.content == png
+            assert response.headers["content-type"] == "image/png"
+            max_age = re.search(r"max-age=(\d+)", response.headers["cache-control"])
+            assert max_age and int(max_age[1]) >= 30 * 86400, response.headers["cache-control"]
+        assert (await client.get(f"/generations/{job_id}/images/3")).status_code == 404
+
+        await db.execute("DELETE FROM jobs WHERE id = $1", uuid.UUID(job_id))
+        assert await db.fetchval("SELECT count(*) FROM images") == 0
+        for path in paths:
+            assert (await client.get(path)).status_code == 404
+
+
+async def test_openai_mode_sends_the_openai_request_and_takes_urls_or_b64_json(
+    settings: SettingsFactory, provider: Provider
+) -> None:
+    """IMAGE_PROVIDER=openai POSTs {"model", "prompt", "n", "size": "512x512"} to
+    IMAGE_PROVIDER_URL/images/generations with the bearer key; an answer's data[i].url become the
+    job's imageUrls, its data[i].b64_json become stored images served as image/png."""
+    urls = urls_for("openai", 2)
+    b64 = [base64.b64encode(png).decode() for png in (PNG_1, PNG_2)]
+    provider.script(ok("openai", urls), Answer(json={"created": 0, "data": [{"b64_json": b} for b in b64]}))
+    config = provider_settings(settings, provider, "openai", image_provider_model="test-model-9")
+    async with running(config) as client:
+        first = await post_job(client, 2)
+        by_url = await job_in(client, first)
+        second = await post_job(client, 2)
+        by_bytes = await job_in(client, second)
+        assert (by_url["status"], by_url["imageUrls"], by_url["attempts"]) == ("completed", urls, 1)
+        paths = [f"/generations/{second}/images/{n}" for n in (1, 2)]
+        assert (by_bytes["status"], by_bytes["imageUrls"], by_bytes["attempts"]) == ("completed", paths, 1)
+        for path, png in zip(paths, (PNG_1, PNG_2), strict=True):
+            response = await client.get(path)
+            assert (response.status_code, response.content) == (200, png)
+            assert response.headers["content-type"] == "image/png"
+    for call, job in zip(provider.calls, (by_url, by_bytes), strict=True):
+        assert (call.method, call.path) == ("POST", "/v1/images/generations")
+        prompt = f"a cute {job['animal']}"
+        assert call.json == {"model": "test-model-9", "prompt": prompt, "n": 2, "size": "512x512"}
+        assert call.headers["Authorization"] == f"Bearer {KEY}"
+        assert call.headers["Idempotency-Key"] == job["jobId"]
