@@ -25,6 +25,7 @@ from multidict import CIMultiDict
 
 import app
 from conftest import eventually, running
+from scripts.service import free_port
 
 SettingsFactory = Callable[..., app.Settings]
 
@@ -203,6 +204,20 @@ async def job_in(client: httpx.AsyncClient, job_id: str, *statuses: str, within:
     return await eventually(reached, within)
 
 
+async def job_row(db: asyncpg.Connection, job_id: str) -> asyncpg.Record:
+    return await db.fetchrow("SELECT *, now() AS db_now FROM jobs WHERE id = $1", uuid.UUID(job_id))
+
+
+async def row_in(db: asyncpg.Connection, job_id: str, *statuses: str, within: float = 10.0) -> asyncpg.Record:
+    """Wait until the job's row has one of `statuses`; the row."""
+
+    async def reached() -> asyncpg.Record | None:
+        row = await job_row(db, job_id)
+        return row if row["status"] in statuses else None
+
+    return await eventually(reached, within)
+
+
 # --- Requests and answers --------------------------------------------------------------------
 
 
@@ -291,3 +306,107 @@ async def test_openai_mode_sends_the_openai_request_and_takes_urls_or_b64_json(
         assert call.json == {"model": "test-model-9", "prompt": prompt, "n": 2, "size": "512x512"}
         assert call.headers["Authorization"] == f"Bearer {KEY}"
         assert call.headers["Idempotency-Key"] == job["jobId"]
+
+
+# --- Errors: retried or final ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("mode", "status"), [("http", 500), ("openai", 500), ("http", 408), ("openai", 502)])
+async def test_a_5xx_or_408_is_retried_and_the_job_completes(
+    settings: SettingsFactory, provider: Provider, mode: str, status: int
+) -> None:
+    """A 5xx or 408 answer is a provider error another try may fix: the job is retried and
+    completes on the second attempt, with the second answer's URLs and no error."""
+    urls = urls_for("retried", 1)
+    provider.script(Answer(status, json={"error": "try again"}), ok(mode, urls))
+    async with running(provider_settings(settings, provider, mode)) as client:
+        job = await job_in(client, await post_job(client))
+    assert (job["status"], job["attempts"], job["imageUrls"], job["error"]) == ("completed", 2, urls, None)
+    first, second = provider.calls
+    assert first.headers["Idempotency-Key"] == second.headers["Idempotency-Key"] == job["jobId"]
+
+
+@pytest.mark.parametrize(("mode", "status"), [("http", 400), ("openai", 400), ("http", 422)])
+async def test_a_4xx_fails_the_job_at_once_with_the_status_and_at_most_500_characters_of_the_message(
+    settings: SettingsFactory, provider: Provider, mode: str, status: int
+) -> None:
+    """Any 4xx but 408 and 429 fails the job at once (one attempt, one call, whatever
+    MAX_ATTEMPTS): its error carries the provider's status and message, cut to 500 characters."""
+    message = " ".join(f"word{i}" for i in range(400))[:2000]  # no stretch of it repeats
+    assert len(message) == 2000
+    if mode == "http":
+        answer = Answer(status, body=message.encode())
+    else:
+        answer = Answer(status, json={"error": {"message": message, "type": "invalid_request_error"}})
+    provider.script(answer)
+    async with running(provider_settings(settings, provider, mode, max_attempts=3)) as client:
+        job = await job_in(client, await post_job(client))
+    assert (job["status"], job["attempts"], job["imageUrls"]) == ("failed", 1, None)
+    assert len(provider.calls) == 1
+    error = job["error"]
+    assert str(status) in error
+    assert message[:300] in error  # the provider's message, as far as the cut allows
+    assert message[:501] not in error  # but never more than 500 characters of it
+    assert len(error) < 600
+
+
+@pytest.mark.parametrize(("mode", "status", "wait"), [("http", 429, 2), ("openai", 503, 1)])
+async def test_retry_after_is_waited_out_before_the_next_call(
+    settings: SettingsFactory, provider: Provider, mode: str, status: int, wait: int
+) -> None:
+    """A 429 or 503 with Retry-After: N is retried no sooner than N seconds later (measured at the
+    provider, far above the usual sub-second backoff), and the job completes."""
+    urls = urls_for("later", 1)
+    provider.script(Answer(status, json={"error": "slow down"}, headers={"Retry-After": str(wait)}), ok(mode, urls))
+    async with running(provider_settings(settings, provider, mode)) as client:
+        job = await job_in(client, await post_job(client), within=wait + 10)
+    assert (job["status"], job["attempts"], job["imageUrls"]) == ("completed", 2, urls)
+    first, second = provider.calls
+    assert wait - 0.05 <= second.at - first.at < wait + 3
+
+
+async def test_retry_after_is_honoured_up_to_a_minute(
+    settings: SettingsFactory, provider: Provider, db: asyncpg.Connection
+) -> None:
+    """A Retry-After above 60 s is cut to 60 s: the job waits a minute, not an hour."""
+    provider.script(Answer(429, json={"error": "come back in an hour"}, headers={"Retry-After": "3600"}))
+    async with running(provider_settings(settings, provider, "http")) as client:
+        job_id = await post_job(client)
+        await provider.received(1)
+        row = await row_in(db, job_id, "pending")
+    assert row["attempts"] == 1 and "429" in row["error"]
+    assert 55 <= (row["available_at"] - row["db_now"]).total_seconds() <= 60.5
+
+
+async def test_an_unreachable_provider_is_a_retried_error(settings: SettingsFactory) -> None:
+    """A provider that refuses connections is a provider error: retried up to MAX_ATTEMPTS, then
+    the job fails saying the provider could not be reached."""
+    url = f"http://127.0.0.1:{free_port()}/generate"
+    config = settings(image_provider="http", image_provider_url=url, max_attempts=2)
+    async with running(config) as client:
+        job = await job_in(client, await post_job(client))
+    assert (job["status"], job["attempts"]) == ("failed", 2)
+    assert "could not be reached" in job["error"]
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_a_hung_call_times_out_is_abandoned_and_retried(
+    settings: SettingsFactory, provider: Provider, mode: str
+) -> None:
+    """A provider that never answers: after JOB_TIMEOUT_SECONDS the attempt ends as timed out
+    (the job's error says so), the hung connection is closed (the provider sees its client leave),
+    and the next attempt completes the job."""
+    never, second_held = asyncio.Event(), asyncio.Event()
+    urls = urls_for("after-hang", 1)
+    provider.script(Answer(hold=never), dataclasses.replace(ok(mode, urls), hold=second_held))
+    async with running(provider_settings(settings, provider, mode, job_timeout_seconds=1)) as client:
+        job_id = await post_job(client)
+        hung, retry = await provider.received(2, within=5)
+        assert 0.9 <= (await provider.hung_up(hung, within=1.5)) - hung.at < 2
+        during_retry = (await client.get(f"/generations/{job_id}")).json()
+        assert (during_retry["status"], during_retry["attempts"]) == ("processing", 2)
+        assert "timed out" in during_retry["error"]
+        second_held.set()
+        job = await job_in(client, job_id)
+    assert (job["status"], job["attempts"], job["imageUrls"], job["error"]) == ("completed", 2, urls, None)
+    assert retry.left is None
