@@ -410,3 +410,46 @@ async def test_a_hung_call_times_out_is_abandoned_and_retried(
         job = await job_in(client, job_id)
     assert (job["status"], job["attempts"], job["imageUrls"], job["error"]) == ("completed", 2, urls, None)
     assert retry.left is None
+
+
+# --- Answers of the wrong shape --------------------------------------------------------------
+
+WRONG_SHAPES = [
+    ("http", {"imageUrls": "https://x.example/1.png"}, "'https://x.example/1.png'"),
+    ("http", {"imageUrls": ["https://x.example/1.png"]}, "not 2 images"),
+    ("http", {"imageUrls": ["https://x.example/1.png", "ftp://x.example/2.png"]}, "ftp://x.example/2.png"),
+    ("http", {"imageUrls": ["https://x.example/1.png", "data:image/png;base64,@@not base64@@"]}, "@@not base64@@"),
+    ("http", {"images": ["https://x.example/1.png", "https://x.example/2.png"]}, "None"),
+    ("http", "<html>gateway says hi</html>", "not JSON"),
+    ("openai", {"data": "x"}, "{'data': 'x'}"),
+    ("openai", {"data": [{"url": "https://x.example/1.png"}]}, "not 2 images"),
+    ("openai", {"data": [{"b64_json": "@@not base64@@"}, {"b64_json": "AAAA"}]}, "@@not base64@@"),
+    ("openai", {"data": [{}, {}]}, "[{}, {}]"),
+]
+
+
+@pytest.mark.parametrize(("mode", "answer", "says"), WRONG_SHAPES)
+async def test_an_answer_of_the_wrong_shape_fails_the_job_saying_what_came(
+    settings: SettingsFactory, provider: Provider, mode: str, answer: Any, says: str
+) -> None:
+    """A 200 whose body is not JSON, not the mode's shape, not numImages pictures, or has a
+    picture that is neither an http(s) URL nor a valid base64 image is a provider error; with
+    MAX_ATTEMPTS=1 the job fails and its error says what came."""
+    raw = answer.encode() if isinstance(answer, str) else None
+    provider.script(Answer(json=answer, body=raw))
+    async with running(provider_settings(settings, provider, mode, max_attempts=1)) as client:
+        job = await job_in(client, await post_job(client, 2))
+    assert (job["status"], job["attempts"], job["imageUrls"]) == ("failed", 1, None)
+    assert job["error"].startswith("ProviderError: ") and says in job["error"], job["error"]
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_an_answer_of_the_wrong_shape_is_retried(
+    settings: SettingsFactory, provider: Provider, mode: str
+) -> None:
+    """A wrong-shaped answer is not final: the next attempt that gets a good answer completes the job."""
+    urls = urls_for("good", 2)
+    provider.script(ok(mode, urls[:1]), ok(mode, urls))
+    async with running(provider_settings(settings, provider, mode)) as client:
+        job = await job_in(client, await post_job(client, 2))
+    assert (job["status"], job["attempts"], job["imageUrls"]) == ("completed", 2, urls)
