@@ -8,15 +8,18 @@ process is the point: a kill -9, or the memory of the process that read a huge a
 
 import asyncio
 import base64
+import contextlib
 import dataclasses
 import json
 import re
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
+import aiohttp
 import asyncpg
 import httpx
 import pytest
@@ -25,9 +28,10 @@ from multidict import CIMultiDict
 
 import app
 from conftest import eventually, running
-from scripts.service import free_port
+from scripts.service import Service, free_port
 
 SettingsFactory = Callable[..., app.Settings]
+StartService = Callable[..., Awaitable[Service]]
 
 KEY = "sk-test-SECRET123"  # distinctive, so that any trace of it in a log or a job is found
 MODES = ("http", "openai")
@@ -202,6 +206,29 @@ async def job_in(client: httpx.AsyncClient, job_id: str, *statuses: str, within:
         return job if job["status"] in wanted else None
 
     return await eventually(reached, within)
+
+
+@pytest.fixture
+def start_service(db_url: str, tmp_path: Path) -> Iterator[StartService]:
+    """Start real service processes (`python app.py`) on the test's database; all killed at the end."""
+    with contextlib.ExitStack() as cleanup:
+        count = 0
+
+        async def start(**env: str | float | int) -> Service:
+            nonlocal count
+            count += 1
+            service = Service(db_url, tmp_path / f"service-{count}.log", **env)
+            cleanup.push(service)  # its __exit__ kills the process if it still runs
+            await asyncio.to_thread(service.start)
+            return service
+
+        yield start
+
+
+async def post_to(session: aiohttp.ClientSession, service: Service, num_images: int = 1) -> str:
+    async with session.post(f"{service.url}/generations", json={"numImages": num_images}) as response:
+        assert response.status == 202, await response.text()
+        return (await response.json())["jobId"]
 
 
 async def job_row(db: asyncpg.Connection, job_id: str) -> asyncpg.Record:
@@ -453,3 +480,65 @@ async def test_an_answer_of_the_wrong_shape_is_retried(
     async with running(provider_settings(settings, provider, mode)) as client:
         job = await job_in(client, await post_job(client, 2))
     assert (job["status"], job["attempts"], job["imageUrls"]) == ("completed", 2, urls)
+
+
+# --- Cancelled, killed -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_cancel_abandons_the_call_in_flight_and_frees_its_slot(
+    settings: SettingsFactory, provider: Provider, mode: str
+) -> None:
+    """Cancelling a job whose provider call is in flight closes that call at once (the provider
+    sees its client leave within a second, long before the lease's next heartbeat); the job stays
+    cancelled, and its slot (WORKER_CONCURRENCY=1) runs the next job right away."""
+    urls = urls_for("next", 1)
+    provider.script(Answer(hold=asyncio.Event()), ok(mode, urls))
+    config = provider_settings(settings, provider, mode, worker_concurrency=1, job_lease_seconds=30)
+    async with running(config) as client:
+        held = await post_job(client)
+        [call] = await provider.received(1)
+        response = await client.post(f"/generations/{held}/cancel")
+        cancelled_at = time.monotonic()
+        assert response.status_code == 200 and response.json()["status"] == "cancelled"
+        assert await provider.hung_up(call, within=1) - cancelled_at < 1
+        next_id = await post_job(client)
+        next_job = await job_in(client, next_id, within=3)
+        assert (next_job["status"], next_job["imageUrls"]) == ("completed", urls)
+        job = (await client.get(f"/generations/{held}")).json()
+    assert (job["status"], job["attempts"], job["imageUrls"]) == ("cancelled", 1, None)
+    assert [call.headers["Idempotency-Key"] for call in provider.calls] == [held, next_id]  # never called again
+
+
+@pytest.mark.chaos
+async def test_a_job_whose_process_was_killed_mid_call_completes_once_with_the_same_idempotency_key(
+    start_service: StartService, provider: Provider, db: asyncpg.Connection
+) -> None:
+    """kill -9 of the service while its provider call is in flight: once the lease runs out,
+    another replica completes the job once, as attempt 2, and the provider saw the same
+    Idempotency-Key (the job id) both times, so it could have deduplicated the work."""
+    urls = urls_for("survivor", 1)
+    provider.script(Answer(hold=asyncio.Event()), ok("http", urls))
+    env = {
+        "IMAGE_PROVIDER": "http",
+        "IMAGE_PROVIDER_URL": provider.url + "/generate",
+        "IMAGE_PROVIDER_API_KEY": KEY,
+        "JOB_LEASE_SECONDS": 2,
+        "WORKER_POLL_INTERVAL": 0.2,
+    }
+    first = await start_service(**env)
+    async with aiohttp.ClientSession() as session:
+        job_id = await post_to(session, first)
+    [call] = await provider.received(1)
+    await asyncio.to_thread(first.kill)
+    await provider.hung_up(call, within=2)  # the kernel closed the dead process's connection
+    assert (await job_row(db, job_id))["status"] == "processing"
+
+    await start_service(**env)
+    row = await row_in(db, job_id, "completed", "failed", within=15)
+    assert (row["status"], row["attempts"], row["image_urls"]) == ("completed", 2, urls)
+    assert row["updated_at"] == row["completed_at"]  # nothing wrote to it after it completed
+    first_call, second_call = provider.calls
+    assert first_call.headers["Idempotency-Key"] == second_call.headers["Idempotency-Key"] == job_id
+    assert (first_call.json["jobId"], first_call.json["attempt"]) == (job_id, 1)
+    assert (second_call.json["jobId"], second_call.json["attempt"]) == (job_id, 2)
