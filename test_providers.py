@@ -11,6 +11,7 @@ import base64
 import contextlib
 import dataclasses
 import json
+import logging
 import re
 import time
 import uuid
@@ -542,3 +543,28 @@ async def test_a_job_whose_process_was_killed_mid_call_completes_once_with_the_s
     assert first_call.headers["Idempotency-Key"] == second_call.headers["Idempotency-Key"] == job_id
     assert (first_call.json["jobId"], first_call.json["attempt"]) == (job_id, 1)
     assert (second_call.json["jobId"], second_call.json["attempt"]) == (job_id, 2)
+
+
+# --- The API key -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_the_api_key_is_never_logged_nor_in_a_job_even_when_the_provider_echoes_it(
+    settings: SettingsFactory, provider: Provider, mode: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """IMAGE_PROVIDER_API_KEY goes to the provider and nowhere else: not in any log line (DEBUG
+    included) nor in any job's JSON, even when the provider echoes the Authorization header back
+    in a 500 (retried) and then a 400 (final) error body."""
+    caplog.set_level(logging.DEBUG)
+    provider.script(Answer(500, echo_headers=True), Answer(400, echo_headers=True))
+    async with running(provider_settings(settings, provider, mode)) as client:
+        job = await job_in(client, await post_job(client))
+        listed = (await client.get("/generations")).text
+        single = (await client.get(f"/generations/{job['jobId']}")).text
+    assert all(call.headers["Authorization"] == f"Bearer {KEY}" for call in provider.calls)  # it was sent
+    assert (job["status"], job["attempts"]) == ("failed", 2)
+    assert "Authorization" in job["error"]  # the echo made it into the error, minus the key
+    logged = caplog.text + "".join(record.getMessage() for record in caplog.records)
+    assert "failed" in logged  # the failures were logged
+    for text in (logged, listed, single, job["error"]):
+        assert "SECRET" not in text
