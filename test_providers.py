@@ -306,6 +306,19 @@ async def test_http_mode_stores_data_uri_images_and_serves_them_until_the_job_is
             assert (await client.get(path)).status_code == 404
 
 
+async def test_an_image_number_no_job_has_is_404(settings: SettingsFactory, provider: Provider) -> None:
+    """GET /generations/<id>/images/<n> for any n the job does not have, however large, is a 404,
+    never a 500."""
+    uri = f"data:image/png;base64,{base64.b64encode(PNG_1).decode()}"
+    provider.script(ok("http", [uri]))
+    async with running(provider_settings(settings, provider, "http")) as client:
+        job_id = await post_job(client)
+        await job_in(client, job_id, "completed")
+        for n in (0, 2, 2**31 - 1, 2**31, 10**30):
+            response = await client.get(f"/generations/{job_id}/images/{n}")
+            assert response.status_code == 404, (n, response.text)
+
+
 async def test_openai_mode_sends_the_openai_request_and_takes_urls_or_b64_json(
     settings: SettingsFactory, provider: Provider
 ) -> None:
