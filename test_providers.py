@@ -17,6 +17,8 @@ import time
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime
 from pathlib import Path
 from typing import Any
 
@@ -417,6 +419,19 @@ async def test_retry_after_is_honoured_up_to_a_minute(
         row = await row_in(db, job_id, "pending")
     assert row["attempts"] == 1 and "429" in row["error"]
     assert 55 <= (row["available_at"] - row["db_now"]).total_seconds() <= 60.5
+
+
+async def test_a_retry_after_date_in_the_past_means_retry_now(settings: SettingsFactory, provider: Provider) -> None:
+    """Retry-After as an HTTP date that has already passed (a provider clock a little behind)
+    asks for no wait: the job is retried after the usual short backoff, not after a minute."""
+    past = format_datetime(datetime.now(UTC) - timedelta(seconds=30), usegmt=True)
+    urls = urls_for("now", 1)
+    provider.script(Answer(503, json={"error": "busy"}, headers={"Retry-After": past}), ok("http", urls))
+    async with running(provider_settings(settings, provider, "http")) as client:
+        job = await job_in(client, await post_job(client), within=5)
+    assert (job["status"], job["attempts"]) == ("completed", 2)
+    first, second = provider.calls
+    assert second.at - first.at < 3
 
 
 async def test_an_unreachable_provider_is_a_retried_error(settings: SettingsFactory) -> None:
