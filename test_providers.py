@@ -248,6 +248,13 @@ async def row_in(db: asyncpg.Connection, job_id: str, *statuses: str, within: fl
     return await eventually(reached, within)
 
 
+def peak_rss_mib(pid: int) -> float:
+    """The most resident memory the process ever had (VmHWM), in MiB."""
+    match = re.search(r"^VmHWM:\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text(), re.MULTILINE)
+    assert match, f"no VmHWM for process {pid}"
+    return int(match[1]) / 1024
+
+
 # --- Requests and answers --------------------------------------------------------------------
 
 
@@ -509,6 +516,35 @@ async def test_an_answer_of_the_wrong_shape_is_retried(
     async with running(provider_settings(settings, provider, mode)) as client:
         job = await job_in(client, await post_job(client, 2))
     assert (job["status"], job["attempts"], job["imageUrls"]) == ("completed", 2, urls)
+
+
+# --- A huge answer ---------------------------------------------------------------------------
+
+
+async def test_a_50_mb_answer_is_refused_without_the_memory_to_hold_it(
+    start_service: StartService, provider: Provider, db: asyncpg.Connection
+) -> None:
+    """A 50 MB answer (streamed, no Content-Length) is refused once it passes the size cap: the
+    attempt fails saying so, is retried, and the job fails like any other; the service stops
+    reading early, and its peak memory (VmHWM of the real process) does not grow by anything
+    near the 50 MB that came."""
+    size = 50 * 1000 * 1000
+    provider.script(ok("http", urls_for("warm-up", 1)), Answer(size=size), Answer(size=size))
+    service = await start_service(
+        IMAGE_PROVIDER="http", IMAGE_PROVIDER_URL=provider.url + "/generate", MAX_ATTEMPTS=2, WORKER_POLL_INTERVAL=0.2
+    )
+    async with aiohttp.ClientSession() as session:
+        warm_up = await post_to(session, service)  # the client, its connection pool and JSON all in use once
+        await row_in(db, warm_up, "completed")
+        before = peak_rss_mib(service.pid())
+        job_id = await post_to(session, service)
+        row = await row_in(db, job_id, "failed", "completed", within=30)
+    after = peak_rss_mib(service.pid())
+    print(f"\n[providers] 50 MB answer: peak RSS {before:.1f} -> {after:.1f} MiB")
+    assert (row["status"], row["attempts"]) == ("failed", 2)
+    assert f"larger than {app.MAX_PROVIDER_ANSWER_BYTES >> 20} MiB" in row["error"]
+    assert all(call.sent < 0.9 * size for call in provider.calls[1:])
+    assert after - before < 40, f"peak RSS grew by {after - before:.1f} MiB reading a refused 50 MB answer"
 
 
 # --- Cancelled, killed -----------------------------------------------------------------------
