@@ -632,3 +632,20 @@ async def test_the_api_key_is_never_logged_nor_in_a_job_even_when_the_provider_e
     assert "failed" in logged  # the failures were logged
     for text in (logged, listed, single, job["error"]):
         assert "SECRET" not in text
+
+
+async def test_an_api_key_cut_by_the_500_character_limit_does_not_leak_in_part(
+    settings: SettingsFactory, provider: Provider, caplog: pytest.LogCaptureFixture
+) -> None:
+    """When the provider echoes the key right where its message is cut to 500 characters, what
+    is left of the key is not in the job's error nor in the log either."""
+    caplog.set_level(logging.DEBUG)
+    echo = "Authorization: Bearer "
+    filler = "x" * (500 - len(echo) - (len(KEY) - 1))  # the cut falls on the key's last character
+    provider.script(Answer(400, body=f"{filler}{echo}{KEY} was refused".encode()))
+    async with running(provider_settings(settings, provider, "http")) as client:
+        job = await job_in(client, await post_job(client))
+    assert (job["status"], job["attempts"]) == ("failed", 1)
+    assert echo in job["error"]
+    assert "SECRET" not in job["error"], job["error"]
+    assert "SECRET" not in caplog.text
