@@ -373,6 +373,7 @@ async def test_a_5xx_or_408_is_retried_and_the_job_completes(
         job = await job_in(client, await post_job(client))
     assert (job["status"], job["attempts"], job["imageUrls"], job["error"]) == ("completed", 2, urls, None)
     first, second = provider.calls
+    assert first.path == second.path == CALLED_PATH[mode]
     assert first.headers["Idempotency-Key"] == second.headers["Idempotency-Key"] == job["jobId"]
 
 
