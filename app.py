@@ -504,11 +504,13 @@ async def call_provider(
         headers["Authorization"] = f"Bearer {settings.image_provider_api_key}"
     try:
         async with http.post(url, json=body, headers=headers) as response:
-            answer = b""
+            answer = bytearray()  # grows in place: b"" += would copy it all at every chunk
             async for chunk in response.content.iter_any():  # stop reading a runaway answer early
                 answer += chunk
                 if len(answer) > MAX_PROVIDER_ANSWER_BYTES:
                     raise ProviderError(f"the provider's answer is larger than {MAX_PROVIDER_ANSWER_BYTES >> 20} MiB")
+            if settings.image_provider_api_key:  # an answer that echoes the key must not spread it
+                answer = answer.replace(settings.image_provider_api_key.encode(), b"[API key]")
             if response.status == 200:
                 return json.loads(answer)
             error = f"the provider answered {response.status}: {answer.decode(errors='replace')[:500]}"
@@ -908,11 +910,10 @@ class Worker:
         except Exception as provider_error:  # whatever the provider raises, the attempt failed
             error, result = provider_error, None
         text = storable(f"{type(error).__name__}: {error}")
-        if settings.image_provider_api_key:
-            text = text.replace(settings.image_provider_api_key, "[API key]")
         logger.warning("job %s attempt %d failed: %s", claim.job_id, claim.attempt, text)
         final = isinstance(error, ProviderError) and error.final
         delay = getattr(error, "retry_after", None) or retry_delay(claim.attempt)
+        del error  # its traceback holds the attempt's frames (a refused answer's buffer): free them now
         try:
             await self.retry_or_fail([claim], text, delay, result, 0 if final else settings.max_attempts)
         except Exception as db_error:  # the lease will run out and the job will be claimed again
@@ -1256,10 +1257,11 @@ async def cancel_generation(request: Request) -> Response:
 
 async def get_image(request: Request) -> Response:
     """GET /generations/{id}/images/{n}: a picture the provider sent as bytes; it never changes."""
-    image = await request.state.pool.fetchrow(SELECT_IMAGE, read_job_id(request), request.path_params["n"])
+    job_id, n = read_job_id(request), request.path_params["n"]
+    image = await request.state.pool.fetchrow(SELECT_IMAGE, job_id, n) if 1 <= n < 2**31 else None  # an int4
     if image is None:
         raise HTTPException(404, "Image not found")
-    headers = {"Cache-Control": "public, max-age=31536000, immutable"}
+    headers = {"Cache-Control": "max-age=31536000, immutable"}  # not public: shared caches keep out with a token
     return Response(image["data"], media_type=image["content_type"], headers=headers)
 
 
