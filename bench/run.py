@@ -674,9 +674,9 @@ def markdown(results: dict[str, dict[str, Any]], rounds: int) -> str:
 
 # --- Scale: the costs as history and backlog grow -----------------------------------------
 
-# Finished jobs, as a long-running service leaves them: rows $1..$2 of one fill, created $4
-# seconds apart from $3 on, so that older jobs come first in the table. 97% completed, 2%
-# failed (out of attempts), 1% cancelled; each ended a few seconds after it was created.
+# Finished jobs, as a long-running service leaves them: rows $1..$2, row n created at
+# $3 + n * $4 seconds, so that older jobs come first in the table. 97% completed, 2% failed
+# (out of attempts), 1% cancelled; each ended a few seconds after it was created.
 FILL_HISTORY = """
 INSERT INTO jobs (status, num_images, animal, image_urls, error, attempts, available_at,
                   created_at, updated_at, completed_at)
@@ -694,13 +694,16 @@ FROM generate_series($1::bigint, $2::bigint) AS n,
                      $3::timestamptz + make_interval(secs => n * $4::float8 + 1 + n % 5))
               AS job (status, animal, created, ended)
 """
-# Pending jobs never claimed yet, all due: rows $1..$2, created $4 seconds apart from $3 on.
+# Pending jobs never claimed yet, all due: rows $1..$2, row n created at $3 + n * $4 seconds.
 FILL_BACKLOG = """
 INSERT INTO jobs (status, num_images, attempts, available_at, created_at, updated_at)
 SELECT 'pending', 1, 0, job.created, job.created, job.created
 FROM generate_series($1::bigint, $2::bigint) AS n,
      LATERAL (SELECT $3::timestamptz + make_interval(secs => n * $4::float8)) AS job (created)
 """
+# The largest history is spread over the last 7 days; a smaller one is its oldest part (the
+# table as it was when it held that many), so that growing it appends newer jobs as a service
+# does, rather than slipping them in between older ones. A backlog spans the last hour.
 HISTORY_SPAN, BACKLOG_SPAN = timedelta(days=7), timedelta(hours=1)
 TABLE_SIZES = "SELECT pg_total_relation_size('jobs'), pg_relation_size('jobs'), pg_indexes_size('jobs')"
 INDEX_SIZES = """
@@ -709,12 +712,17 @@ WHERE indrelid = 'jobs'::regclass ORDER BY 1
 """
 UPDATE_COUNTS = "SELECT n_tup_upd, n_tup_hot_upd FROM pg_stat_user_tables WHERE relname = 'jobs'"
 ESTIMATED_ROWS = "SELECT reltuples FROM pg_class WHERE oid = 'jobs'::regclass"
-# Whatever the services did since $1 (their jobs), undone: the next measurement sees the fill.
-DELETE_NEWER = "DELETE FROM jobs WHERE created_at >= $1"
+HISTORY_TIMES = "SELECT now(), min(created_at), max(created_at) FROM jobs"  # the history only, in its copy
 COUNT_OLDER = "SELECT count(*) FROM jobs WHERE created_at < $1"  # by jobs_newest: cheap enough to poll
 # Which plan the prepared statement's last executions used.
 GENERIC_PLANS = "SELECT generic_plans FROM pg_prepared_statements WHERE name = 'bench_statement'"
 
+# The listings whose first page the scale run reads: a label, the path.
+LISTINGS = {
+    "list": "/generations",
+    "list failed": "/generations?status=failed",
+    "list pending": "/generations?status=pending",
+}
 # A keyset cursor before every job: the first page, for statements that always take a cursor.
 FIRST_PAGE = (datetime.max.replace(tzinfo=UTC), uuid.UUID(int=2**128 - 1))
 # The service's statements the scale run times in the database: (label, the constant's name in
@@ -744,8 +752,8 @@ AUTO_PLAN_RUNS = 6
 SCALE_LATENCY_RATIO = 1.5
 CLAIM_MS_AT_BACKLOG = 5.0
 RETENTION_ROWS_PER_SECOND, RETENTION_CLAIM_P99_MS = 50_000, 20.0
-# Retention: keep 6 of the 7 days of history, so that the oldest seventh is due.
-RETENTION_KEEP = timedelta(days=6)
+# Retention keeps the newest 6/7 of the time the history spans, so that its oldest seventh is due.
+RETENTION_KEPT_SHARE = 6 / 7
 RETENTION_PROBE_SECONDS = 15.0  # how long the probe waits for JOB_RETENTION_SECONDS=1 to delete
 RETENTION_POLL = 0.25  # seconds between two counts of the rows still due (each costs an index scan)
 BYTES_PER_JOB = 600  # on disk, indexes and a margin included: for the free-space check
@@ -808,21 +816,34 @@ def ratio_to(value: float, baseline: float) -> float:
     return round(value / baseline, 2)
 
 
-async def fill(url: str, what: str, statement: str, count: int, span: timedelta, chunk: int) -> dict[str, Any]:
-    """Insert `count` rows with a FILL_ statement, `chunk` per transaction, spread over the `span`
-    that ends now; then VACUUM ANALYZE, as a long-running table is (visibility map, statistics)."""
+@dataclasses.dataclass(frozen=True)
+class Timeline:
+    """Where a FILL_ statement puts rows in time: row n is created at `begin` + n * `spacing`."""
+
+    begin: datetime
+    spacing: float  # seconds between two rows
+
+    @classmethod
+    def ending_now(cls, span: timedelta, rows: int) -> "Timeline":
+        """`rows` rows spread evenly over the `span` that ends now."""
+        return cls(datetime.now(UTC) - span, span.total_seconds() / max(rows, 1))
+
+
+async def fill(url: str, what: str, statement: str, rows: range, timeline: Timeline, chunk: int) -> dict[str, Any]:
+    """Insert `rows` (row numbers of the timeline) with a FILL_ statement, `chunk` per transaction;
+    then VACUUM ANALYZE, as a long-running table is (visibility map, statistics)."""
     connection = await asyncpg.connect(url)
     start = time.perf_counter()
     try:
         await connection.execute("ALTER TABLE jobs DISABLE TRIGGER USER")  # no NOTIFY per pending job
-        begin = await connection.fetchval("SELECT now()") - span
-        for first in range(0, count, chunk):
-            last = min(first + chunk, count) - 1
-            await connection.execute(statement, first, last, begin, span.total_seconds() / count)
-            rate = (last + 1) / (time.perf_counter() - start)
-            left = (count - last - 1) / rate
+        for first in range(rows.start, rows.stop, chunk):
+            last = min(first + chunk, rows.stop) - 1
+            await connection.execute(statement, first, last, timeline.begin, timeline.spacing)
+            done = last + 1 - rows.start
+            rate = done / (time.perf_counter() - start)
             print(
-                f"bench: {what}: {last + 1:,} of {count:,} rows, {rate:,.0f} rows/s, about {left:.0f} s left",
+                f"bench: {what}: {done:,} of {len(rows):,} rows, {rate:,.0f} rows/s,"
+                f" about {(len(rows) - done) / rate:.0f} s left",
                 file=sys.stderr,
                 flush=True,
             )
@@ -835,10 +856,10 @@ async def fill(url: str, what: str, statement: str, count: int, span: timedelta,
     seconds = time.perf_counter() - start
     return {
         "what": what,
-        "rows": count,
+        "rows": len(rows),
         "seconds": round(seconds, 1),
         "insert_seconds": round(inserted, 1),
-        "rows_per_second": round(count / inserted),
+        "rows_per_second": round(len(rows) / inserted),
     }
 
 
@@ -956,6 +977,12 @@ async def time_statements(url: str, job_id: uuid.UUID, runs: int) -> tuple[dict[
     return timed, notes
 
 
+async def page_jobs(session: aiohttp.ClientSession, url: str) -> int:
+    """How many jobs a listing's page holds."""
+    async with session.get(url) as response:
+        return len(await response.json())
+
+
 def retention_rate(polls: list[tuple[float, int]]) -> tuple[float, float, float]:
     """From (seconds, rows still due) counts: rows deleted per second while deleting, and when
     deletion was first and last seen (between the last count before it and the first after it)."""
@@ -996,9 +1023,11 @@ async def trickle(
 class ScaleBench:
     """How each cost grows with history (finished jobs) and backlog (pending jobs).
 
-    The history grows in one database, smallest size first; each backlog is added to a copy
-    of it (CREATE DATABASE ... TEMPLATE), so that the history's own database never holds a
-    deleted backlog's dead space. Retention, which deletes, also runs in a copy.
+    The history grows in one database, smallest size first, appended in time order as a
+    service's table grows. Each measurement runs in a copy of it (CREATE DATABASE ... TEMPLATE),
+    backlog added there: so the history's own database never holds what a measurement leaves
+    (dead rows, index pages at the right edge emptied of newer jobs, which would make every later
+    append split pages in half). Retention, which deletes, runs in a copy too.
     """
 
     bench: Bench  # its services, loads and plan (enqueue clients, windows, pickup jobs)
@@ -1017,37 +1046,25 @@ class ScaleBench:
         if not supported:
             self.retention = {"skipped": note}
             print(json.dumps({"scenario": "scale retention", **self.retention}), flush=True)
+        timeline = Timeline.ending_now(HISTORY_SPAN, max(self.scale.histories))
         async with self.bench.database("scale") as url:
             history = 0
             for size in self.scale.histories:
                 if size > history:
-                    await self.fill(
-                        url,
-                        f"history {count_text(history)} -> {count_text(size)}",
-                        FILL_HISTORY,
-                        size - history,
-                        HISTORY_SPAN,
-                    )
+                    what = f"history {count_text(history)} -> {count_text(size)}"
+                    await self.fill(url, what, FILL_HISTORY, range(history, size), timeline)
                 history = size
                 sizes = await table_sizes(url, history)
                 for backlog in self.scale.backlogs:
+                    async with self.copy(url, "scale_measure") as copy:
+                        if backlog:
+                            what = f"backlog {count_text(backlog)} on history {count_text(history)}"
+                            backlog_timeline = Timeline.ending_now(BACKLOG_SPAN, backlog)
+                            await self.fill(copy, what, FILL_BACKLOG, range(backlog), backlog_timeline)
+                        result = await self.measure(copy, history, backlog)
                     if not backlog:
-                        result = await self.measure(url, history, backlog)
                         result["sizes"] = sizes
-                    else:
-                        async with self.copy(url, "scale_backlog") as copy:
-                            await self.fill(
-                                copy,
-                                f"backlog {count_text(backlog)} on history {count_text(history)}",
-                                FILL_BACKLOG,
-                                backlog,
-                                BACKLOG_SPAN,
-                            )
-                            result = await self.measure(copy, history, backlog)
-                    baseline = scale_latencies(self.results[0] if self.results else result)
-                    result["ratios"] = {
-                        name: ratio_to(ms, baseline.get(name, NAN)) for name, ms in scale_latencies(result).items()
-                    }
+                    result["ratios"] = scale_ratios(result, self.results[0] if self.results else result)
                     self.results.append(result)
                     print(json.dumps({"scenario": "scale", **result}), flush=True)
                 if supported and history:
@@ -1060,9 +1077,9 @@ class ScaleBench:
                         flush=True,
                     )
 
-    async def fill(self, url: str, what: str, statement: str, count: int, span: timedelta) -> None:
+    async def fill(self, url: str, what: str, statement: str, rows: range, timeline: Timeline) -> None:
         """Insert rows in chunks, with progress on stderr; the time it took becomes a JSON line."""
-        self.fills.append(await fill(url, what, statement, count, span, self.scale.chunk))
+        self.fills.append(await fill(url, what, statement, rows, timeline, self.scale.chunk))
         print(json.dumps({"scenario": "scale fill", **self.fills[-1]}), flush=True)
 
     @contextlib.asynccontextmanager
@@ -1090,11 +1107,6 @@ class ScaleBench:
         self.say(f"history {count_text(history)}, backlog {count_text(backlog)}: timing statements")
         ids = await sample_ids(url, self.scale.sample_ids)
         statements, skipped = await time_statements(url, ids[0] if ids else uuid.uuid4(), self.scale.explain_runs)
-        connection = await asyncpg.connect(url)
-        try:
-            began = await connection.fetchval("SELECT now()")
-        finally:
-            await connection.close()
         updates_before = await update_counts(url)
         name = f"scale-{count_text(history)}-{count_text(backlog)}"
         async with self.bench.services(name, url, WORKER_CONCURRENCY=0) as [service]:
@@ -1112,7 +1124,6 @@ class ScaleBench:
         # The services have exited, so their backends have reported their counts.
         updates, hot = (after - before for after, before in zip(await update_counts(url), updates_before, strict=True))
         result["hot_updates"] = {"updates": updates, "hot": hot, "ratio": round(hot / updates, 3) if updates else NAN}
-        await self.forget_since(url, began)
         return result
 
     async def reads(self, service: Service, ids: list[uuid.UUID]) -> dict[str, Any]:
@@ -1121,18 +1132,17 @@ class ScaleBench:
         paths = [f"/generations/{job_id}" for job_id in ids]
         loads: dict[str, HttpRequest] = {
             "get job": lambda session, url: self.get(session, url + random.choice(paths)),
-            "list": lambda session, url: self.get(session, url + "/generations"),
-            "list failed": lambda session, url: self.get(session, url + "/generations?status=failed"),
-            "list pending": lambda session, url: self.get(session, url + "/generations?status=pending"),
-            "metrics": lambda session, url: self.get(session, url + "/metrics"),
+            **{label: partial(self.get_path, path) for label, path in LISTINGS.items()},
+            "metrics": partial(self.get_path, "/metrics"),
         }
         async with http_session() as session:
             if await http_status(session.get(service.url + "/metrics")) != 200:
                 del loads["metrics"]
+            pages = {label: await page_jobs(session, service.url + path) for label, path in LISTINGS.items()}
         results = {}
         for label, request in loads.items():
             window = await self.bench.load([service], request, self.bench.plan.seconds, self.scale.read_clients)
-            results[label] = window.summary()
+            results[label] = window.summary() | ({"page_jobs": pages[label]} if label in pages else {})
         return results
 
     @staticmethod
@@ -1140,14 +1150,10 @@ class ScaleBench:
         """GET, expecting 200."""
         return await http_status(session.get(url)) == 200
 
-    async def forget_since(self, url: str, moment: datetime) -> None:
-        """Delete the jobs the services made since `moment`, and vacuum, so the next size starts clean."""
-        connection = await asyncpg.connect(url)
-        try:
-            await connection.execute(DELETE_NEWER, moment)
-            await connection.execute("VACUUM jobs")
-        finally:
-            await connection.close()
+    @classmethod
+    async def get_path(cls, path: str, session: aiohttp.ClientSession, url: str) -> bool:
+        """GET `path` of the service at `url`, expecting 200."""
+        return await cls.get(session, url + path)
 
     def settings(self) -> dict[str, Any]:
         """The loads' settings."""
@@ -1171,7 +1177,8 @@ class ScaleBench:
         async with self.bench.database("scale_probe") as url:
             connection = await asyncpg.connect(url)
             try:
-                await connection.execute(FILL_HISTORY, 0, 99, datetime.now(UTC) - timedelta(hours=1), 1.0)
+                hour_ago = Timeline.ending_now(timedelta(hours=1), 3600)
+                await connection.execute(FILL_HISTORY, 0, 99, hour_ago.begin, hour_ago.spacing)
                 try:
                     async with self.bench.services("scale-probe", url, JOB_RETENTION_SECONDS=1) as _:
                         for _ in range(int(RETENTION_PROBE_SECONDS / 0.5)):
@@ -1185,18 +1192,20 @@ class ScaleBench:
         return False, f"JOB_RETENTION_SECONDS=1 deleted no finished job within {RETENTION_PROBE_SECONDS:g} s"
 
     async def measure_retention(self, url: str, history: int) -> dict[str, Any]:
-        """Rows deleted per second by JOB_RETENTION_SECONDS (6 of the 7 days kept: a seventh of the
-        history is due), while a worker claims and completes trickle_per_second new jobs; and those
-        jobs' waits from the POST's answer to completion while deletion went on.
+        """Rows deleted per second by JOB_RETENTION_SECONDS (set to keep RETENTION_KEPT_SHARE of the
+        time the history spans: its oldest seventh is due), while a worker claims and completes
+        trickle_per_second new jobs; and those jobs' waits from the POST's answer to completion
+        while deletion went on.
 
         The rows still due are counted every RETENTION_POLL seconds, so deletion is known to have
         run between two counts: the rate is a lower bound, as close as the counts are frequent.
         """
-        keep = RETENTION_KEEP.total_seconds()
-        env = {"JOB_RETENTION_SECONDS": keep, "IMAGE_PROVIDER_DELAY": 0}
         connection = await asyncpg.connect(url)
         try:
-            cutoff = await connection.fetchval("SELECT now()") - RETENTION_KEEP
+            now, oldest, newest = await connection.fetchrow(HISTORY_TIMES)
+            keep = round((now - newest + (newest - oldest) * RETENTION_KEPT_SHARE).total_seconds())
+            cutoff = now - timedelta(seconds=keep)
+            env = {"JOB_RETENTION_SECONDS": keep, "IMAGE_PROVIDER_DELAY": 0}
             start = time.perf_counter()
             polls = [(0.0, await connection.fetchval(COUNT_OLDER, cutoff))]
             self.say(f"history {count_text(history)}: retention, {polls[0][1]:,} rows due")
@@ -1257,6 +1266,17 @@ def scale_latencies(result: dict[str, Any]) -> dict[str, float]:
     return found | {f"{label} p50": read["p50_ms"] for label, read in result["reads"].items()}
 
 
+def scale_ratios(result: dict[str, Any], baseline: dict[str, Any]) -> dict[str, float]:
+    """Each latency over its value on the empty tables; NaN for a listing whose page held another
+    number of jobs there (no failed job on empty tables: an empty page), as that compares little."""
+    base = scale_latencies(baseline)
+    ratios = {name: ratio_to(ms, base.get(name, NAN)) for name, ms in scale_latencies(result).items()}
+    for label, read in result["reads"].items():
+        if read.get("page_jobs") != baseline["reads"].get(label, {}).get("page_jobs"):
+            ratios[f"{label} p50"] = NAN
+    return ratios
+
+
 def with_ratio(value: float, ratio: float, unit: str = " ms") -> str:
     """A number and its ratio to the empty tables' value, the ratio in bold when over the target."""
     if math.isnan(ratio):
@@ -1280,6 +1300,23 @@ def scale_http_table(results: list[dict[str, Any]]) -> list[str]:
         lines.append(
             f"| {count_text(result['history'])} | {count_text(result['backlog'])} | {rate} | {' | '.join(cells)} |"
         )
+    return lines
+
+
+def scale_cpu_table(results: list[dict[str, Any]]) -> list[str]:
+    """One row per combination: PostgreSQL's CPU per request of each HTTP load, with its ratio to the
+    empty tables'. Steadier than latency on a shared machine; shown, not judged."""
+    loads = list(dict.fromkeys(["enqueue", *(label for result in results for label in result["reads"])]))
+    lines = ["| history | backlog | " + " | ".join(loads) + " |", "|---|---|" + "---|" * len(loads)]
+
+    def cpu(result: dict[str, Any], load: str) -> float:
+        """PostgreSQL's CPU ms per request of one load (NaN if not run or not measured)."""
+        measured = result["enqueue"] if load == "enqueue" else result["reads"].get(load, {})
+        return measured.get("cpu_ms_per_request", {}).get("postgres", NAN)
+
+    for result in results:
+        cells = [with_ratio(cpu(result, load), ratio_to(cpu(result, load), cpu(results[0], load))) for load in loads]
+        lines.append(f"| {count_text(result['history'])} | {count_text(result['backlog'])} | {' | '.join(cells)} |")
     return lines
 
 
@@ -1364,11 +1401,15 @@ def scale_markdown(results: list[dict[str, Any]], fills: list[dict[str, Any]], r
         [
             f"Ratios: to the empty tables (history 0, backlog 0) of this run; over {SCALE_LATENCY_RATIO:g}x in bold.",
             "Pickup needs a worker, which would drain a backlog: it is measured at backlog 0 only.",
-            "At history 0 `?status=failed` answers an empty page, so its ratios compare 50 jobs with none.",
+            "A listing whose page held another number of jobs on the empty tables has no ratio (`?status=failed`).",
             "The statements run under EXPLAIN ANALYZE in transactions rolled back; `service gets` is the plan"
             f" PostgreSQL settles on by the {AUTO_PLAN_RUNS}th execution of the prepared statement.",
             "",
             *scale_http_table(results),
+            "",
+            "PostgreSQL's CPU per request, ms (steadier than latency on a shared machine; not judged):",
+            "",
+            *scale_cpu_table(results),
             "",
             *scale_statement_table(results),
             "",
