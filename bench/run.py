@@ -5,6 +5,10 @@
     .venv/bin/python bench/run.py --repeat 3   three rounds; the table shows the medians
     .venv/bin/python bench/run.py --quick      short windows and few jobs: a sanity run
     .venv/bin/python bench/run.py --only enqueue,pickup --env DB_POOL_MAX_SIZE=20
+    .venv/bin/python bench/run.py --scale      how costs grow with history and backlog: 0, 1M, 10M
+                                               finished jobs x 0, 1M pending (about 9 minutes, 15 GB free)
+    .venv/bin/python bench/run.py --scale --quick                          0 and 100k of each: about a minute
+    .venv/bin/python bench/run.py --scale --scale-sizes 0,1M --scale-backlogs 0,1M     about 3 minutes
 
 It starts its own PostgreSQL (the embedded one, or the server DATABASE_URL names, whose role
 must be allowed to create databases) and gives each scenario a fresh database. This process
@@ -23,6 +27,15 @@ one JSON line with its settings and results; a markdown table of the targets fol
     two replicas   enqueue and drain with two service processes: the ratio to one
     memory         the services' peak RSS (VmHWM)               <= 80 MB
 
+    scale          (--scale, a run of its own) tables of H finished and B pending jobs, built in
+                   the database with generate_series; for each H and B: enqueue (no worker, so the
+                   backlog stays), GET by id, the first page of three listings, /metrics if the
+                   service has it, pickup (at B=0 only), the service's own statements under
+                   EXPLAIN ANALYZE (custom and generic plans, buffers), table and index sizes,
+                   HOT updates, and retention if the service has JOB_RETENTION_SECONDS
+                   every latency <= 1.5 x its value on empty tables, claim <= 5 ms at 1M pending,
+                   retention >= 50,000 rows/s with claims' p99 <= 20 ms
+
 The targets compare numbers of the same round, because the machine is shared: PostgreSQL,
 the services and this generator run on the same cores, and so may other programs. Each load
 window reports the cores every party kept busy ("other" is everything else on the machine)
@@ -38,13 +51,17 @@ import math
 import os
 import platform
 import random
+import re
+import shutil
 import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime, timedelta
 from functools import partial
 from importlib.util import find_spec
 from pathlib import Path
@@ -56,6 +73,7 @@ import asyncpg
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import app  # noqa: E402  the scale run times the service's own statements, by name
 from app import INSERT_JOB  # noqa: E402  the ceiling runs the very statement the service runs
 from scripts.pg import EmbeddedPostgres  # noqa: E402
 from scripts.service import Service  # noqa: E402
@@ -388,12 +406,15 @@ class Bench:
         """A CPU meter for these services, PostgreSQL (when it is ours) and this process."""
         return CpuMeter(services, self.postmaster)
 
-    async def load(self, services: list[Service], request: HttpRequest, seconds: float) -> Window:
-        """`plan.clients` HTTP clients, spread evenly over the services, each sending `request`."""
+    async def load(
+        self, services: list[Service], request: HttpRequest, seconds: float, clients: int | None = None
+    ) -> Window:
+        """`clients` (default plan.clients) HTTP clients, spread evenly over the services, each sending `request`."""
         window = Window(self.meter(services))
         async with http_session() as session:
-            clients = [partial(request, session, services[i % len(services)].url) for i in range(self.plan.clients)]
-            await window.run(clients, self.plan.warmup, seconds)
+            count = clients or self.plan.clients
+            loops = [partial(request, session, services[i % len(services)].url) for i in range(count)]
+            await window.run(loops, self.plan.warmup, seconds)
         return window
 
     def http_settings(self, seconds: float, **more: Any) -> dict[str, Any]:
@@ -474,16 +495,18 @@ class Bench:
     async def pickup(self) -> dict[str, Any]:
         """Jobs posted one at a time to an idle service: from the POST's response to completed."""
         env = {"IMAGE_PROVIDER_DELAY": 0}
+        async with self.database("pickup") as url, self.services("pickup", url, **env) as [service]:
+            result = await self.pickup_on(service, url)
+        settings = {"jobs": self.plan.pickup_jobs, "gap_s": self.plan.pickup_gap, "service": self.service_env(**env)}
+        return {"settings": settings, **result}
+
+    async def pickup_on(self, service: Service, url: str) -> dict[str, Any]:
+        """Pickup latencies of plan.pickup_jobs jobs posted one at a time to this running service."""
         warmup_jobs = 10  # the pool opens connections and prepares statements on first use
         latencies: list[float] = []
         from_post: list[float] = []  # the whole way, for the POST's own share of it
         early = 0
-        async with (
-            self.database("pickup") as url,
-            self.services("pickup", url, **env) as [service],
-            listening(url) as completions,
-            http_session() as session,
-        ):
+        async with listening(url) as completions, http_session() as session:
             for index in range(warmup_jobs + self.plan.pickup_jobs):
                 posted = time.perf_counter()
                 async with session.post(service.url + "/generations", data=ONE_IMAGE, headers=JSON_HEADERS) as response:
@@ -495,9 +518,7 @@ class Bench:
                     latencies.append(max(0.0, completed - answered))
                     from_post.append(completed - posted)
                 await asyncio.sleep(self.plan.pickup_gap)
-        settings = {"jobs": self.plan.pickup_jobs, "gap_s": self.plan.pickup_gap, "service": self.service_env(**env)}
         return {
-            "settings": settings,
             **percentiles_ms(latencies, 50, 90, 99),
             # Completions heard before the POST's answer was read count as 0 ms above; this many.
             "completed_before_response": early,
@@ -651,6 +672,761 @@ def markdown(results: dict[str, dict[str, Any]], rounds: int) -> str:
     return "\n".join(lines)
 
 
+# --- Scale: the costs as history and backlog grow -----------------------------------------
+
+# Finished jobs, as a long-running service leaves them: rows $1..$2, row n created at
+# $3 + n * $4 seconds, so that older jobs come first in the table. 97% completed, 2% failed
+# (out of attempts), 1% cancelled; each ended a few seconds after it was created.
+FILL_HISTORY = """
+INSERT INTO jobs (status, num_images, animal, image_urls, error, attempts, available_at,
+                  created_at, updated_at, completed_at)
+SELECT job.status, 1,
+       CASE WHEN job.status = 'completed' THEN job.animal END,
+       CASE WHEN job.status = 'completed'
+            THEN jsonb_build_array('https://placehold.co/512x512/png?text=a+cute+' || job.animal || '+1') END,
+       CASE WHEN job.status = 'failed' THEN 'ProviderError: the image provider failed' END,
+       CASE job.status WHEN 'completed' THEN 1 WHEN 'failed' THEN 3 ELSE 0 END,
+       job.created, job.created, job.ended, job.ended
+FROM generate_series($1::bigint, $2::bigint) AS n,
+     LATERAL (SELECT CASE WHEN n % 100 < 2 THEN 'failed' WHEN n % 100 = 2 THEN 'cancelled' ELSE 'completed' END,
+                     (ARRAY['cat', 'dog', 'fox', 'owl', 'panda'])[1 + n % 5],
+                     $3::timestamptz + make_interval(secs => n * $4::float8),
+                     $3::timestamptz + make_interval(secs => n * $4::float8 + 1 + n % 5))
+              AS job (status, animal, created, ended)
+"""
+# Pending jobs never claimed yet, all due: rows $1..$2, row n created at $3 + n * $4 seconds.
+FILL_BACKLOG = """
+INSERT INTO jobs (status, num_images, attempts, available_at, created_at, updated_at)
+SELECT 'pending', 1, 0, job.created, job.created, job.created
+FROM generate_series($1::bigint, $2::bigint) AS n,
+     LATERAL (SELECT $3::timestamptz + make_interval(secs => n * $4::float8)) AS job (created)
+"""
+# The largest history is spread over the last 7 days; a smaller one is its oldest part (the
+# table as it was when it held that many), so that growing it appends newer jobs as a service
+# does, rather than slipping them in between older ones. A backlog spans the last hour.
+HISTORY_SPAN, BACKLOG_SPAN = timedelta(days=7), timedelta(hours=1)
+TABLE_SIZES = "SELECT pg_total_relation_size('jobs'), pg_relation_size('jobs'), pg_indexes_size('jobs')"
+INDEX_SIZES = """
+SELECT indexrelid::regclass::text, pg_relation_size(indexrelid) FROM pg_index
+WHERE indrelid = 'jobs'::regclass ORDER BY 1
+"""
+UPDATE_COUNTS = "SELECT n_tup_upd, n_tup_hot_upd FROM pg_stat_user_tables WHERE relname = 'jobs'"
+ESTIMATED_ROWS = "SELECT reltuples FROM pg_class WHERE oid = 'jobs'::regclass"
+HISTORY_TIMES = "SELECT now(), min(created_at), max(created_at) FROM jobs"  # the history only, in its copy
+COUNT_OLDER = "SELECT count(*) FROM jobs WHERE created_at < $1"  # by jobs_newest: cheap enough to poll
+# Which plan the prepared statement's last executions used.
+GENERIC_PLANS = "SELECT generic_plans FROM pg_prepared_statements WHERE name = 'bench_statement'"
+
+# The listings whose first page the scale run reads: a label, the path.
+LISTINGS = {
+    "list": "/generations",
+    "list failed": "/generations?status=failed",
+    "list pending": "/generations?status=pending",
+}
+# A keyset cursor before every job: the first page, for statements that always take a cursor.
+FIRST_PAGE = (datetime.max.replace(tzinfo=UTC), uuid.UUID(int=2**128 - 1))
+# The service's statements the scale run times in the database: (label, the constant's name in
+# app.py, its parameters given an existing job's id). app.py's SQL is being rewritten: an entry
+# whose constant app.py lacks, or that takes a different number of parameters, is skipped with
+# a note, so old and new forms can both be listed. Adding a statement is one line.
+STATEMENTS: list[tuple[str, str, Callable[[uuid.UUID], tuple[Any, ...]]]] = [
+    ("INSERT_JOB", "INSERT_JOB", lambda job: (1, None)),
+    ("CLAIM_JOBS", "CLAIM_JOBS", lambda job: (20, 30.0, 3)),
+    ("FAIL_ABANDONED_JOBS", "FAIL_ABANDONED_JOBS", lambda job: (3, 30.0)),
+    ("SELECT_JOB", "SELECT_JOB", lambda job: (job,)),
+    ("LIST_JOBS", "LIST_JOBS", lambda job: (None, None, None, 51)),
+    ("LIST_JOBS failed", "LIST_JOBS", lambda job: ("failed", None, None, 51)),
+    ("LIST_JOBS pending", "LIST_JOBS", lambda job: ("pending", None, None, 51)),
+    ("LIST_JOBS", "LIST_JOBS", lambda job: (*FIRST_PAGE, 51)),
+    ("LIST_JOBS_WITH_STATUS failed", "LIST_JOBS_WITH_STATUS", lambda job: ("failed", *FIRST_PAGE, 51)),
+    ("LIST_JOBS_WITH_STATUS pending", "LIST_JOBS_WITH_STATUS", lambda job: ("pending", *FIRST_PAGE, 51)),
+    ("DELETE_EXPIRED_JOBS", "DELETE_EXPIRED_JOBS", lambda job: (604800.0, 1000)),
+    ("COUNT_JOBS", "COUNT_JOBS", lambda job: ()),
+    ("OLDEST_PENDING", "OLDEST_PENDING", lambda job: ()),
+]
+CLAIM_STATEMENT = "CLAIM_JOBS"  # the label whose time the claim target judges
+# PostgreSQL plans a prepared statement's first five executions for their parameters (custom);
+# from the sixth it may keep one generic plan. asyncpg prepares every statement the service runs.
+AUTO_PLAN_RUNS = 6
+
+# The scale targets: ratios to the empty tables' values in the same run.
+SCALE_LATENCY_RATIO = 1.5
+CLAIM_MS_AT_BACKLOG = 5.0
+RETENTION_ROWS_PER_SECOND, RETENTION_CLAIM_P99_MS = 50_000, 20.0
+# Retention keeps the newest 6/7 of the time the history spans, so that its oldest seventh is due.
+RETENTION_KEPT_SHARE = 6 / 7
+RETENTION_PROBE_SECONDS = 15.0  # how long the probe waits for JOB_RETENTION_SECONDS=1 to delete
+RETENTION_POLL = 0.25  # seconds between two counts of the rows still due (each costs an index scan)
+BYTES_PER_JOB = 600  # on disk, indexes and a margin included: for the free-space check
+
+
+@dataclasses.dataclass(frozen=True)
+class ScalePlan:
+    """The scale run: the sizes it builds, and how long it measures each combination."""
+
+    histories: tuple[int, ...] = (0, 1_000_000, 10_000_000)
+    backlogs: tuple[int, ...] = (0, 1_000_000)
+    chunk: int = 500_000  # rows per INSERT while filling, so that memory and WAL stay bounded
+    read_clients: int = 4  # few, so that read latencies are the requests' own rather than queueing
+    sample_ids: int = 10_000  # existing jobs GET /generations/<id> picks from
+    explain_runs: int = 3  # per plan mode; the median is reported
+    trickle_per_second: float = 200.0  # jobs posted while retention deletes
+    retention_seconds: float = 60.0  # the longest retention is watched: 10M history has 1.4M rows due
+
+
+SCALE_LOAD = dataclasses.replace(Plan(), seconds=5.0)
+SCALE_QUICK = ScalePlan(
+    histories=(0, 100_000), backlogs=(0, 100_000), chunk=50_000, sample_ids=1_000, retention_seconds=10.0
+)
+SCALE_QUICK_LOAD = dataclasses.replace(QUICK, seconds=1.5, pickup_jobs=30)
+
+
+def parse_count(text: str) -> int:
+    """A row count as written on the command line: 0, 250000, 100k, 1M, 2.5M."""
+    text = text.strip().replace("_", "")
+    factor = {"k": 1_000, "m": 1_000_000}.get(text[-1:].lower(), 1)
+    return round(float(text[:-1] if factor > 1 else text) * factor)
+
+
+def count_text(count: int) -> str:
+    """A row count the short way: 0, 100k, 1M, 10M."""
+    if count >= 1_000_000:
+        return f"{count / 1_000_000:g}M"
+    return f"{count / 1_000:g}k" if count >= 1_000 else str(count)
+
+
+def sql_literal(value: Any) -> str:
+    """A parameter written into SQL text for EXECUTE; PostgreSQL casts it to the parameter's type."""
+    if value is None:
+        return "NULL"
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return repr(value)
+    text = value.isoformat() if isinstance(value, datetime) else str(value)
+    return "'" + text.replace("'", "''") + "'"
+
+
+def parameter_count(sql: str) -> int:
+    """How many parameters ($1, $2, ...) a statement takes."""
+    return max((int(number) for number in re.findall(r"\$(\d+)", sql)), default=0)
+
+
+def ratio_to(value: float, baseline: float) -> float:
+    """value / baseline, NaN when either is unknown or the baseline is 0."""
+    if not baseline or math.isnan(baseline) or math.isnan(value):
+        return NAN
+    return round(value / baseline, 2)
+
+
+@dataclasses.dataclass(frozen=True)
+class Timeline:
+    """Where a FILL_ statement puts rows in time: row n is created at `begin` + n * `spacing`."""
+
+    begin: datetime
+    spacing: float  # seconds between two rows
+
+    @classmethod
+    def ending_now(cls, span: timedelta, rows: int) -> "Timeline":
+        """`rows` rows spread evenly over the `span` that ends now."""
+        return cls(datetime.now(UTC) - span, span.total_seconds() / max(rows, 1))
+
+
+async def fill(url: str, what: str, statement: str, rows: range, timeline: Timeline, chunk: int) -> dict[str, Any]:
+    """Insert `rows` (row numbers of the timeline) with a FILL_ statement, `chunk` per transaction;
+    then VACUUM ANALYZE, as a long-running table is (visibility map, statistics)."""
+    connection = await asyncpg.connect(url)
+    start = time.perf_counter()
+    try:
+        await connection.execute("ALTER TABLE jobs DISABLE TRIGGER USER")  # no NOTIFY per pending job
+        for first in range(rows.start, rows.stop, chunk):
+            last = min(first + chunk, rows.stop) - 1
+            await connection.execute(statement, first, last, timeline.begin, timeline.spacing)
+            done = last + 1 - rows.start
+            rate = done / (time.perf_counter() - start)
+            print(
+                f"bench: {what}: {done:,} of {len(rows):,} rows, {rate:,.0f} rows/s,"
+                f" about {(len(rows) - done) / rate:.0f} s left",
+                file=sys.stderr,
+                flush=True,
+            )
+        await connection.execute("ALTER TABLE jobs ENABLE TRIGGER USER")
+        inserted = time.perf_counter() - start
+        print(f"bench: {what}: VACUUM ANALYZE jobs", file=sys.stderr, flush=True)
+        await connection.execute("VACUUM ANALYZE jobs")
+    finally:
+        await connection.close()
+    seconds = time.perf_counter() - start
+    return {
+        "what": what,
+        "rows": len(rows),
+        "seconds": round(seconds, 1),
+        "insert_seconds": round(inserted, 1),
+        "rows_per_second": round(len(rows) / inserted),
+    }
+
+
+async def table_sizes(url: str, history: int) -> dict[str, Any]:
+    """The jobs table's size on disk: all of it, the heap, the indexes, each index; per million finished jobs."""
+    connection = await asyncpg.connect(url)
+    try:
+        total, heap, indexes = await connection.fetchrow(TABLE_SIZES)
+        each = dict(await connection.fetch(INDEX_SIZES))
+    finally:
+        await connection.close()
+    megabytes = {"total": total, "heap": heap, "indexes": indexes, **each}
+    sizes: dict[str, Any] = {"mb": {name: round(size / 2**20, 1) for name, size in megabytes.items()}}
+    if history:
+        sizes["mb_per_million"] = {name: round(size / 2**20 * 1e6 / history, 1) for name, size in megabytes.items()}
+    return sizes
+
+
+async def sample_ids(url: str, wanted: int) -> list[uuid.UUID]:
+    """About `wanted` ids of jobs picked at random all over the table (none if it is empty)."""
+    connection = await asyncpg.connect(url)
+    try:
+        estimate = await connection.fetchval(ESTIMATED_ROWS)
+        percent = min(100.0, 120.0 * wanted / estimate) if estimate > 0 else 100.0
+        ids = [row[0] for row in await connection.fetch(f"SELECT id FROM jobs TABLESAMPLE BERNOULLI ({percent})")]
+    finally:
+        await connection.close()
+    random.shuffle(ids)
+    return ids[:wanted]
+
+
+async def update_counts(url: str) -> tuple[int, int]:
+    """Rows of jobs updated so far, and how many of those updates were HOT (no index touched)."""
+    connection = await asyncpg.connect(url)
+    try:
+        updates, hot = await connection.fetchrow(UPDATE_COUNTS)
+    finally:
+        await connection.close()
+    return updates, hot
+
+
+async def explain_once(connection: asyncpg.Connection, execute: str) -> dict[str, Any]:
+    """EXPLAIN ANALYZE one execution, in a transaction rolled back: the table stays as it was."""
+    transaction = connection.transaction()
+    await transaction.start()
+    try:
+        [result] = json.loads(await connection.fetchval(f"EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) {execute}"))
+    finally:
+        await transaction.rollback()
+    return result
+
+
+def plan_outline(node: dict[str, Any]) -> str:
+    """A plan in one line: each node with the index or table it reads and the rows it returned."""
+    target = node.get("Index Name") or node.get("Relation Name") or node.get("CTE Name")
+    text = node["Node Type"] + (f" {target}" if target else "") + f" {node['Actual Rows']:g} rows"
+    if node.get("Actual Loops", 1) > 1:
+        text += f" x {node['Actual Loops']} loops"
+    if removed := node.get("Rows Removed by Filter"):
+        text += f", {removed:g} filtered out"
+    children = [plan_outline(child) for child in node.get("Plans", [])]
+    if len(children) > 1:
+        return f"{text} <- [{' | '.join(children)}]"
+    return f"{text} <- {children[0]}" if children else text
+
+
+def explain_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The median execution time of some EXPLAIN ANALYZE runs; buffers and plan of the last."""
+    plan = runs[-1]["Plan"]
+    return {
+        "ms": round(statistics.median(run["Execution Time"] for run in runs), 3),
+        "planning_ms": round(statistics.median(run.get("Planning Time", 0.0) for run in runs), 3),
+        "buffers": plan["Shared Hit Blocks"] + plan["Shared Read Blocks"],
+        "buffers_read": plan["Shared Read Blocks"],
+        "plan": plan_outline(plan),
+    }
+
+
+async def time_statement(
+    connection: asyncpg.Connection, sql: str, parameters: tuple[Any, ...], runs: int
+) -> dict[str, Any]:
+    """One statement, prepared as asyncpg prepares it: which plan PostgreSQL settles on by the
+    AUTO_PLAN_RUNS-th execution (the one the service runs), and the custom and the generic plan's cost."""
+    execute = "EXECUTE bench_statement" + (f"({', '.join(map(sql_literal, parameters))})" if parameters else "")
+    await connection.execute(f"PREPARE bench_statement AS {sql}")
+    try:
+        for _ in range(AUTO_PLAN_RUNS):
+            await explain_once(connection, execute)
+        result: dict[str, Any] = {"service_plan": "generic" if await connection.fetchval(GENERIC_PLANS) else "custom"}
+        for mode in ("custom", "generic"):
+            await connection.execute(f"SET plan_cache_mode = force_{mode}_plan")
+            result[mode] = explain_summary([await explain_once(connection, execute) for _ in range(runs)])
+    finally:
+        await connection.execute("RESET plan_cache_mode")
+        await connection.execute("DEALLOCATE bench_statement")
+    return result
+
+
+async def time_statements(url: str, job_id: uuid.UUID, runs: int) -> tuple[dict[str, Any], list[str]]:
+    """Every STATEMENTS entry app.py has, timed; and a note for each one skipped."""
+    timed: dict[str, Any] = {}
+    notes = []
+    connection = await asyncpg.connect(url)
+    try:
+        for label, name, parameters in STATEMENTS:
+            sql, given = getattr(app, name, None), parameters(job_id)
+            if not isinstance(sql, str):
+                notes.append(f"{label}: app.py has no {name}")
+            elif parameter_count(sql) != len(given):
+                notes.append(f"{label}: {name} takes {parameter_count(sql)} parameters, this entry gives {len(given)}")
+            else:
+                timed[label] = await time_statement(connection, sql, given, runs)
+    finally:
+        await connection.close()
+    return timed, notes
+
+
+async def page_jobs(session: aiohttp.ClientSession, url: str) -> int:
+    """How many jobs a listing's page holds."""
+    async with session.get(url) as response:
+        return len(await response.json())
+
+
+def retention_rate(polls: list[tuple[float, int]]) -> tuple[float, float, float]:
+    """From (seconds, rows still due) counts: rows deleted per second while deleting, and when
+    deletion was first and last seen (between the last count before it and the first after it)."""
+    first, final = polls[0][1], polls[-1][1]
+    began = max((at for at, due in polls if due == first), default=0.0)
+    ended = min((at for at, due in polls if due == final), default=0.0)
+    if first == final or ended <= began:
+        return 0.0, NAN, NAN
+    return (first - final) / (ended - began), began, ended
+
+
+async def trickle(
+    session: aiohttp.ClientSession, url: str, completions: Completions, per_second: float, stop: asyncio.Event
+) -> list[tuple[float, float] | BaseException]:
+    """POST jobs at a steady rate until `stop`: for each, when its POST was answered and how long
+    from then until it was completed (a claim's wait, the provider being instant)."""
+
+    async def post() -> tuple[float, float]:
+        """One job, followed to its completion."""
+        async with session.post(url + "/generations", data=ONE_IMAGE, headers=JSON_HEADERS) as response:
+            job_id = (await response.json())["jobId"]
+        answered = time.perf_counter()
+        completed = await asyncio.wait_for(completions.of(job_id), timeout=30)
+        return answered, max(0.0, completed - answered)
+
+    posts = []
+    start = time.perf_counter()
+    for number in range(1, 3600 * int(per_second)):  # bounded: an hour at most
+        posts.append(asyncio.create_task(post()))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), max(0.0, start + number / per_second - time.perf_counter()))
+        if stop.is_set():
+            break
+    return await asyncio.gather(*posts, return_exceptions=True)
+
+
+@dataclasses.dataclass
+class ScaleBench:
+    """How each cost grows with history (finished jobs) and backlog (pending jobs).
+
+    The history grows in one database, smallest size first, appended in time order as a
+    service's table grows. Each measurement runs in a copy of it (CREATE DATABASE ... TEMPLATE),
+    backlog added there: so the history's own database never holds what a measurement leaves
+    (dead rows, index pages at the right edge emptied of newer jobs, which would make every later
+    append split pages in half). Retention, which deletes, runs in a copy too.
+    """
+
+    bench: Bench  # its services, loads and plan (enqueue clients, windows, pickup jobs)
+    scale: ScalePlan
+    results: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    fills: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    retention: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def say(self, text: str) -> None:
+        """Progress, on stderr."""
+        print(f"bench: {text}", file=sys.stderr, flush=True)
+
+    async def run(self) -> None:
+        """Every combination of history and backlog, smallest first; print each JSON line as it comes."""
+        supported, note = await self.retention_supported()
+        if not supported:
+            self.retention = {"skipped": note}
+            print(json.dumps({"scenario": "scale retention", **self.retention}), flush=True)
+        timeline = Timeline.ending_now(HISTORY_SPAN, max(self.scale.histories))
+        async with self.bench.database("scale") as url:
+            history = 0
+            for size in self.scale.histories:
+                if size > history:
+                    what = f"history {count_text(history)} -> {count_text(size)}"
+                    await self.fill(url, what, FILL_HISTORY, range(history, size), timeline)
+                history = size
+                sizes = await table_sizes(url, history)
+                for backlog in self.scale.backlogs:
+                    async with self.copy(url, "scale_measure") as copy:
+                        if backlog:
+                            what = f"backlog {count_text(backlog)} on history {count_text(history)}"
+                            backlog_timeline = Timeline.ending_now(BACKLOG_SPAN, backlog)
+                            await self.fill(copy, what, FILL_BACKLOG, range(backlog), backlog_timeline)
+                        result = await self.measure(copy, history, backlog)
+                    if not backlog:
+                        result["sizes"] = sizes
+                    result["ratios"] = scale_ratios(result, self.results[0] if self.results else result)
+                    self.results.append(result)
+                    print(json.dumps({"scenario": "scale", **result}), flush=True)
+                if supported and history:
+                    async with self.copy(url, "scale_retention") as copy:
+                        self.retention[count_text(history)] = await self.measure_retention(copy, history)
+                    print(
+                        json.dumps(
+                            {"scenario": "scale retention", "history": history, **self.retention[count_text(history)]}
+                        ),
+                        flush=True,
+                    )
+
+    async def fill(self, url: str, what: str, statement: str, rows: range, timeline: Timeline) -> None:
+        """Insert rows in chunks, with progress on stderr; the time it took becomes a JSON line."""
+        self.fills.append(await fill(url, what, statement, rows, timeline, self.scale.chunk))
+        print(json.dumps({"scenario": "scale fill", **self.fills[-1]}), flush=True)
+
+    @contextlib.asynccontextmanager
+    async def copy(self, url: str, name: str) -> AsyncIterator[str]:
+        """A copy of the database at `url` (no one may be connected to it); dropped afterwards."""
+        template = url.partition("?")[0].rsplit("/", 1)[1]
+        admin = await asyncpg.connect(self.bench.server_url)
+        try:
+            # FILE_COPY copies the files as they are, rather than writing them all to the WAL.
+            strategy = " STRATEGY FILE_COPY" if admin.get_server_version().major >= 15 else ""
+            await admin.execute(f"DROP DATABASE IF EXISTS bench_{name} WITH (FORCE)")
+            self.say(f"copying {template} to bench_{name}")
+            await admin.execute(f"CREATE DATABASE bench_{name} TEMPLATE {template}{strategy}")
+            yield database_url(self.bench.server_url, f"bench_{name}")
+        finally:
+            try:
+                await admin.execute(f"DROP DATABASE IF EXISTS bench_{name} WITH (FORCE)")
+            finally:
+                await admin.close()
+
+    async def measure(self, url: str, history: int, backlog: int) -> dict[str, Any]:
+        """Everything one combination reports: the statements' plans and costs in the database,
+        enqueue and reads over HTTP (WORKER_CONCURRENCY=0: the backlog stays), pickup (at B=0
+        only: a worker would chew the backlog), and the share of HOT updates."""
+        self.say(f"history {count_text(history)}, backlog {count_text(backlog)}: timing statements")
+        ids = await sample_ids(url, self.scale.sample_ids)
+        statements, skipped = await time_statements(url, ids[0] if ids else uuid.uuid4(), self.scale.explain_runs)
+        updates_before = await update_counts(url)
+        name = f"scale-{count_text(history)}-{count_text(backlog)}"
+        async with self.bench.services(name, url, WORKER_CONCURRENCY=0) as [service]:
+            self.say(f"history {count_text(history)}, backlog {count_text(backlog)}: enqueue and reads")
+            enqueue = (await self.bench.load([service], post_job, self.bench.plan.seconds)).summary()
+            reads = await self.reads(service, ids or await sample_ids(url, self.scale.sample_ids))
+        result: dict[str, Any] = {"history": history, "backlog": backlog, "settings": self.settings()}
+        result |= {"enqueue": enqueue, "reads": reads, "statements": statements, "skipped": skipped}
+        if backlog:
+            result["pickup"] = {"skipped": "a worker would drain the backlog; see the claim statement's time"}
+            return result
+        env = {"IMAGE_PROVIDER_DELAY": 0}
+        async with self.bench.services(f"{name}-pickup", url, **env) as [service]:
+            result["pickup"] = await self.bench.pickup_on(service, url)
+        # The services have exited, so their backends have reported their counts.
+        updates, hot = (after - before for after, before in zip(await update_counts(url), updates_before, strict=True))
+        result["hot_updates"] = {"updates": updates, "hot": hot, "ratio": round(hot / updates, 3) if updates else NAN}
+        return result
+
+    async def reads(self, service: Service, ids: list[uuid.UUID]) -> dict[str, Any]:
+        """GET one job by id (picked at random), the first page of three listings, and /metrics
+        if the service has it; plan.read_clients clients each."""
+        paths = [f"/generations/{job_id}" for job_id in ids]
+        loads: dict[str, HttpRequest] = {
+            "get job": lambda session, url: self.get(session, url + random.choice(paths)),
+            **{label: partial(self.get_path, path) for label, path in LISTINGS.items()},
+            "metrics": partial(self.get_path, "/metrics"),
+        }
+        async with http_session() as session:
+            if await http_status(session.get(service.url + "/metrics")) != 200:
+                del loads["metrics"]
+            pages = {label: await page_jobs(session, service.url + path) for label, path in LISTINGS.items()}
+        results = {}
+        for label, request in loads.items():
+            window = await self.bench.load([service], request, self.bench.plan.seconds, self.scale.read_clients)
+            results[label] = window.summary() | ({"page_jobs": pages[label]} if label in pages else {})
+        return results
+
+    @staticmethod
+    async def get(session: aiohttp.ClientSession, url: str) -> bool:
+        """GET, expecting 200."""
+        return await http_status(session.get(url)) == 200
+
+    @classmethod
+    async def get_path(cls, path: str, session: aiohttp.ClientSession, url: str) -> bool:
+        """GET `path` of the service at `url`, expecting 200."""
+        return await cls.get(session, url + path)
+
+    def settings(self) -> dict[str, Any]:
+        """The loads' settings."""
+        plan = self.bench.plan
+        return {
+            "enqueue_clients": plan.clients,
+            "read_clients": self.scale.read_clients,
+            "warmup_s": plan.warmup,
+            "seconds": plan.seconds,
+            "pickup_jobs": plan.pickup_jobs,
+            "service": self.bench.service_env(),
+        }
+
+    async def retention_supported(self) -> tuple[bool, str]:
+        """Whether the service deletes old finished jobs: started with JOB_RETENTION_SECONDS=1 on
+        a database of 100 jobs finished an hour ago, does it delete any within RETENTION_PROBE_SECONDS?
+        (Skipped at once when app.py does not even mention the setting.)"""
+        if "JOB_RETENTION_SECONDS" not in (ROOT / "app.py").read_text().upper():
+            return False, "app.py has no JOB_RETENTION_SECONDS setting"
+        self.say("does the service delete old jobs with JOB_RETENTION_SECONDS=1?")
+        async with self.bench.database("scale_probe") as url:
+            connection = await asyncpg.connect(url)
+            try:
+                hour_ago = Timeline.ending_now(timedelta(hours=1), 3600)
+                await connection.execute(FILL_HISTORY, 0, 99, hour_ago.begin, hour_ago.spacing)
+                try:
+                    async with self.bench.services("scale-probe", url, JOB_RETENTION_SECONDS=1) as _:
+                        for _ in range(int(RETENTION_PROBE_SECONDS / 0.5)):
+                            if await connection.fetchval("SELECT count(*) FROM jobs") < 100:
+                                return True, ""
+                            await asyncio.sleep(0.5)
+                except RuntimeError as error:  # the service refused to start
+                    return False, f"the service does not start with JOB_RETENTION_SECONDS=1: {error}"[:2000]
+            finally:
+                await connection.close()
+        return False, f"JOB_RETENTION_SECONDS=1 deleted no finished job within {RETENTION_PROBE_SECONDS:g} s"
+
+    async def measure_retention(self, url: str, history: int) -> dict[str, Any]:
+        """Rows deleted per second by JOB_RETENTION_SECONDS (set to keep RETENTION_KEPT_SHARE of the
+        time the history spans: its oldest seventh is due), while a worker claims and completes
+        trickle_per_second new jobs; and those jobs' waits from the POST's answer to completion
+        while deletion went on.
+
+        The rows still due are counted every RETENTION_POLL seconds, so deletion is known to have
+        run between two counts: the rate is a lower bound, as close as the counts are frequent.
+        """
+        connection = await asyncpg.connect(url)
+        try:
+            now, oldest, newest = await connection.fetchrow(HISTORY_TIMES)
+            keep = round((now - newest + (newest - oldest) * RETENTION_KEPT_SHARE).total_seconds())
+            cutoff = now - timedelta(seconds=keep)
+            env = {"JOB_RETENTION_SECONDS": keep, "IMAGE_PROVIDER_DELAY": 0}
+            start = time.perf_counter()
+            polls = [(0.0, await connection.fetchval(COUNT_OLDER, cutoff))]
+            self.say(f"history {count_text(history)}: retention, {polls[0][1]:,} rows due")
+            async with (
+                self.bench.services(f"scale-{count_text(history)}-retention", url, **env) as [service],
+                listening(url) as completions,
+                http_session() as session,
+            ):
+                stop = asyncio.Event()
+                posting = asyncio.create_task(
+                    trickle(session, service.url, completions, self.scale.trickle_per_second, stop)
+                )
+                for _ in range(int(self.scale.retention_seconds / RETENTION_POLL)):  # bounded
+                    polls.append((time.perf_counter() - start, await connection.fetchval(COUNT_OLDER, cutoff)))
+                    if polls[-1][1] == 0:
+                        break
+                    await asyncio.sleep(RETENTION_POLL)
+                stop.set()
+                posted = await posting
+        finally:
+            await connection.close()
+        rate, began, ended = retention_rate(polls)
+        waits = [outcome for outcome in posted if not isinstance(outcome, BaseException)]
+        during = [wait for answered, wait in waits if began <= answered - start <= ended]
+        return {
+            "settings": {"JOB_RETENTION_SECONDS": keep, "trickle_per_second": self.scale.trickle_per_second},
+            "due": polls[0][1],
+            "deleted": polls[0][1] - polls[-1][1],
+            "rows_per_second": round(rate),
+            # Seconds from the first count, taken before the service started.
+            "deleting_from_s": round(began, 2),
+            "deleting_until_s": round(ended, 2),
+            "jobs": len(waits),
+            "errors": len(posted) - len(waits),
+            "claims_during_deletion": {
+                "jobs": len(during),
+                **percentiles_ms(during, 50, 99),
+                "max_ms": round(max(during) * 1000, 1) if during else NAN,
+            },
+            "claims_all": {**percentiles_ms([wait for _, wait in waits], 50, 99)},
+        }
+
+
+def service_ms(timed: dict[str, Any]) -> float:
+    """A timed statement's execution time under the plan the service gets."""
+    return timed[timed["service_plan"]]["ms"]
+
+
+def scale_latencies(result: dict[str, Any]) -> dict[str, float]:
+    """The latencies in ms that the SCALE_LATENCY_RATIO target covers, by name; absent if not measured.
+
+    Not the claim statement's: on empty tables it claims nothing, so a ratio would say little; it
+    has a target of its own (CLAIM_MS_AT_BACKLOG).
+    """
+    found = {"enqueue p50": result["enqueue"]["p50_ms"]}
+    if "p50_ms" in result["pickup"]:
+        found |= {"pickup p50": result["pickup"]["p50_ms"], "pickup p99": result["pickup"]["p99_ms"]}
+    return found | {f"{label} p50": read["p50_ms"] for label, read in result["reads"].items()}
+
+
+def scale_ratios(result: dict[str, Any], baseline: dict[str, Any]) -> dict[str, float]:
+    """Each latency over its value on the empty tables; NaN for a listing whose page held another
+    number of jobs there (no failed job on empty tables: an empty page), as that compares little."""
+    base = scale_latencies(baseline)
+    ratios = {name: ratio_to(ms, base.get(name, NAN)) for name, ms in scale_latencies(result).items()}
+    for label, read in result["reads"].items():
+        if read.get("page_jobs") != baseline["reads"].get(label, {}).get("page_jobs"):
+            ratios[f"{label} p50"] = NAN
+    return ratios
+
+
+def with_ratio(value: float, ratio: float, unit: str = " ms") -> str:
+    """A number and its ratio to the empty tables' value, the ratio in bold when over the target."""
+    if math.isnan(ratio):
+        return f"{value:g}{unit}"
+    shown = f"{ratio:g}x"
+    return f"{value:g}{unit} ({f'**{shown}**' if ratio > SCALE_LATENCY_RATIO else shown})"
+
+
+def scale_http_table(results: list[dict[str, Any]]) -> list[str]:
+    """One row per combination: the HTTP latencies, each with its ratio to the empty tables'."""
+    columns = ["enqueue p50", "pickup p50", "pickup p99", "get job p50", "list p50"]
+    columns += ["list failed p50", "list pending p50", "metrics p50"]
+    lines = [
+        "| history | backlog | enqueue req/s | " + " | ".join(columns) + " |",
+        "|---|---|---|" + "---|" * len(columns),
+    ]
+    for result in results:
+        latencies, ratios = scale_latencies(result), result["ratios"]
+        cells = [with_ratio(latencies[name], ratios[name]) if name in latencies else "-" for name in columns]
+        rate = f"{result['enqueue']['per_second']:,.0f}"
+        lines.append(
+            f"| {count_text(result['history'])} | {count_text(result['backlog'])} | {rate} | {' | '.join(cells)} |"
+        )
+    return lines
+
+
+def scale_cpu_table(results: list[dict[str, Any]]) -> list[str]:
+    """One row per combination: PostgreSQL's CPU per request of each HTTP load, with its ratio to the
+    empty tables'. Steadier than latency on a shared machine; shown, not judged."""
+    loads = list(dict.fromkeys(["enqueue", *(label for result in results for label in result["reads"])]))
+    lines = ["| history | backlog | " + " | ".join(loads) + " |", "|---|---|" + "---|" * len(loads)]
+
+    def cpu(result: dict[str, Any], load: str) -> float:
+        """PostgreSQL's CPU ms per request of one load (NaN if not run or not measured)."""
+        measured = result["enqueue"] if load == "enqueue" else result["reads"].get(load, {})
+        return measured.get("cpu_ms_per_request", {}).get("postgres", NAN)
+
+    for result in results:
+        cells = [with_ratio(cpu(result, load), ratio_to(cpu(result, load), cpu(results[0], load))) for load in loads]
+        lines.append(f"| {count_text(result['history'])} | {count_text(result['backlog'])} | {' | '.join(cells)} |")
+    return lines
+
+
+def scale_statement_table(results: list[dict[str, Any]]) -> list[str]:
+    """One row per statement and combination: its time and buffers, custom and generic, and the plan it gets."""
+    lines = [
+        "| statement | history | backlog | service gets | custom ms / buffers | generic ms / buffers | its plan "
+        "| the other plan, if another |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    labels = list(dict.fromkeys(label for result in results for label in result["statements"]))
+    for label in labels:
+        for result in results:
+            if not (timed := result["statements"].get(label)):
+                continue
+            custom, generic = timed["custom"], timed["generic"]
+            chosen, other = (custom, generic) if timed["service_plan"] == "custom" else (generic, custom)
+            lines.append(
+                f"| {label} | {count_text(result['history'])} | {count_text(result['backlog'])} "
+                f"| {timed['service_plan']} | {custom['ms']:g} / {custom['buffers']} "
+                f"| {generic['ms']:g} / {generic['buffers']} | {chosen['plan']} "
+                f"| {other['plan'] if other['plan'] != chosen['plan'] else ''} |"
+            )
+    return lines
+
+
+def scale_size_table(results: list[dict[str, Any]]) -> list[str]:
+    """One row per history size: the table's size, all and by part, and per million finished jobs."""
+    sized = [result for result in results if "sizes" in result]
+    parts = list(dict.fromkeys(part for result in sized for part in result["sizes"]["mb"]))
+    lines = ["| history | " + " | ".join(f"{part} MB" for part in parts) + " |", "|---|" + "---|" * len(parts)]
+    for result in sized:
+        mb, per_million = result["sizes"]["mb"], result["sizes"].get("mb_per_million", {})
+        cells = [
+            f"{mb.get(part, NAN):g}" + (f" ({per_million[part]:g}/M)" if part in per_million else "") for part in parts
+        ]
+        lines.append(f"| {count_text(result['history'])} | {' | '.join(cells)} |")
+    return lines
+
+
+def scale_targets(results: list[dict[str, Any]], retention: dict[str, Any]) -> list[str]:
+    """Each target, where it applies, with the value found and whether it is met."""
+    lines = ["| target | at | found | met |", "|---|---|---|---|"]
+
+    def row(target: str, at: str, found: str, met: bool | None) -> None:
+        lines.append(f"| {target} | {at} | {found} | {'' if met is None else 'yes' if met else '**no**'} |")
+
+    for result in results:
+        at = f"history {count_text(result['history'])}, backlog {count_text(result['backlog'])}"
+        judged = {name: ratio for name, ratio in result["ratios"].items() if not math.isnan(ratio)}
+        if result is not results[0] and judged:
+            worst = max(judged, key=judged.__getitem__)
+            met = judged[worst] <= SCALE_LATENCY_RATIO
+            row(
+                f"every latency <= {SCALE_LATENCY_RATIO:g} x empty tables",
+                at,
+                f"worst: {worst} {judged[worst]:g}x",
+                met,
+            )
+        if result["backlog"] and (claim := result["statements"].get(CLAIM_STATEMENT)):
+            ms = service_ms(claim)
+            found = f"{ms:g} ms ({claim['service_plan']} plan)"
+            row(f"claim statement <= {CLAIM_MS_AT_BACKLOG:g} ms", at, found, ms <= CLAIM_MS_AT_BACKLOG)
+    target = f"retention >= {RETENTION_ROWS_PER_SECOND:,} rows/s, claims p99 <= {RETENTION_CLAIM_P99_MS:g} ms"
+    if "skipped" in retention:
+        row(target, "", f"skipped: {retention['skipped']}", None)
+    for history, measured in retention.items():
+        if history != "skipped":
+            claims, rate = measured["claims_during_deletion"], measured["rows_per_second"]
+            found = f"{rate:,} rows/s, claims p99 {claims['p99_ms']} ms, longest {claims['max_ms']} ms"
+            met = rate >= RETENTION_ROWS_PER_SECOND and claims["p99_ms"] <= RETENTION_CLAIM_P99_MS
+            row(target, f"history {history}", found, met)
+    return lines
+
+
+def scale_markdown(results: list[dict[str, Any]], fills: list[dict[str, Any]], retention: dict[str, Any]) -> str:
+    """The scale run as markdown: HTTP latencies, the statements, the sizes, the targets."""
+    hot = [f"history {count_text(r['history'])}: {r['hot_updates']['ratio']:g}" for r in results if "hot_updates" in r]
+    filled = [f"{fill['what']}: {fill['seconds']:g} s ({fill['rows_per_second']:,} rows/s)" for fill in fills]
+    skipped = results[0]["skipped"] if results else []
+    return "\n".join(
+        [
+            f"Ratios: to the empty tables (history 0, backlog 0) of this run; over {SCALE_LATENCY_RATIO:g}x in bold.",
+            "Pickup needs a worker, which would drain a backlog: it is measured at backlog 0 only.",
+            "A listing whose page held another number of jobs on the empty tables has no ratio (`?status=failed`).",
+            "The statements run under EXPLAIN ANALYZE in transactions rolled back; `service gets` is the plan"
+            f" PostgreSQL settles on by the {AUTO_PLAN_RUNS}th execution of the prepared statement.",
+            "",
+            *scale_http_table(results),
+            "",
+            "PostgreSQL's CPU per request, ms (steadier than latency on a shared machine; not judged):",
+            "",
+            *scale_cpu_table(results),
+            "",
+            *scale_statement_table(results),
+            "",
+            *scale_size_table(results),
+            "",
+            *scale_targets(results, retention),
+            "",
+            "HOT updates / all updates during enqueue and pickup (backlog 0): " + ("; ".join(hot) or "none"),
+            "",
+            "Fills (insert and VACUUM ANALYZE): " + ("; ".join(filled) or "none"),
+            "",
+            "Statements not timed: " + ("; ".join(skipped) or "none"),
+        ]
+    )
+
+
 # --- Main ----------------------------------------------------------------------------------
 
 
@@ -679,6 +1455,16 @@ async def bench(server_url: str, postmaster: int | None, plan: Plan, args: argpa
     # SIGTERM unwinds like Ctrl-C does, so that every service started is stopped.
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, asyncio.current_task().cancel)  # type: ignore[union-attr]
     print(json.dumps(await setup(server_url, plan, args.env)), flush=True)
+    if args.scale:
+        print(json.dumps({"scenario": "scale plan", **dataclasses.asdict(args.scale)}), flush=True)
+        with tempfile.TemporaryDirectory(prefix="bench-logs-") as logs:
+            scale = ScaleBench(Bench(server_url, postmaster, plan, Path(logs), args.env), args.scale)
+            started = time.perf_counter()
+            await scale.run()
+        print(f"bench: the scale run took {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
+        print()
+        print(scale_markdown(scale.results, scale.fills, scale.retention))
+        return
     rounds = []
     with tempfile.TemporaryDirectory(prefix="bench-logs-") as logs:
         for number in range(1, args.repeat + 1):
@@ -700,7 +1486,22 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--env", action="append", default=[], metavar="NAME=VALUE", help="for every service; repeatable"
     )
+    parser.add_argument("--scale", action="store_true", help="the scale run instead: costs as history and backlog grow")
+    parser.add_argument("--scale-sizes", metavar="N,N", help="finished jobs, e.g. 0,100k,1M (default 0,1M,10M)")
+    parser.add_argument("--scale-backlogs", metavar="N,N", help="pending jobs, e.g. 0,100k (default 0,1M)")
     args = parser.parse_args()
+    if (args.scale_sizes or args.scale_backlogs) and not args.scale:
+        parser.error("--scale-sizes and --scale-backlogs go with --scale")
+    if args.scale and args.repeat != 1:
+        parser.error("--scale runs once: no --repeat")
+    if args.scale:
+        args.scale = SCALE_QUICK if args.quick else ScalePlan()
+        try:
+            for field, given in (("histories", args.scale_sizes), ("backlogs", args.scale_backlogs)):
+                if given:  # 0 is always measured: it is what the ratios compare with
+                    args.scale = dataclasses.replace(args.scale, **{field: sizes_from(given)})
+        except ValueError as error:
+            parser.error(f"--scale-sizes and --scale-backlogs take counts like 0,100k,1M: {error}")
     args.only = set(args.only.split(","))
     if unknown := args.only - set(GROUPS):
         parser.error(f"unknown scenarios: {', '.join(sorted(unknown))}")
@@ -710,10 +1511,31 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
+def sizes_from(text: str) -> tuple[int, ...]:
+    """Comma-separated row counts, sorted, with 0 added."""
+    counts = {parse_count(part) for part in text.split(",") if part.strip()}
+    if any(count < 0 for count in counts):
+        raise ValueError("a count below 0")
+    return tuple(sorted(counts | {0}))
+
+
+def check_room(scale: ScalePlan, folder: str) -> None:
+    """Refuse a scale run that would fill the disk: the history, a copy of it with the backlog, some WAL."""
+    needed = (2 * max(scale.histories) + max(scale.backlogs)) * BYTES_PER_JOB + 2 * 2**30
+    free = shutil.disk_usage(folder).free
+    if needed > free:
+        sys.exit(
+            f"bench: the scale run needs about {needed / 2**30:.1f} GB in {folder}, {free / 2**30:.1f} GB are free:"
+            " give smaller --scale-sizes or --scale-backlogs"
+        )
+
+
 def main() -> None:
     """Start PostgreSQL (unless DATABASE_URL names one), run the bench, stop everything."""
     args = parse_args()
     plan = QUICK if args.quick else Plan()
+    if args.scale:
+        plan = SCALE_QUICK_LOAD if args.quick else SCALE_LOAD
     try:
         import uvloop  # the generator should cost as little CPU as it can: the service needs it
 
@@ -723,6 +1545,8 @@ def main() -> None:
     with contextlib.ExitStack() as stack:
         server_url, postmaster = os.environ.get("DATABASE_URL"), None
         if not server_url:
+            if args.scale:
+                check_room(args.scale, tempfile.gettempdir())
             pgdata = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-pg-"))) / "data"
             server = EmbeddedPostgres(pgdata, delete_on_exit=True)
             stack.callback(server.close)
