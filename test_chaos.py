@@ -288,7 +288,7 @@ async def test_sigterm_hands_a_running_job_back_at_once(
     assert code in (0, -signal.SIGTERM)  # uvicorn re-raises SIGTERM once its graceful shutdown is done
     assert exited <= grace + 2
     log = first.log()
-    assert "shutting down: handed 1 unfinished jobs back to the queue, failed 0" in log
+    assert "shutting down: unfinished jobs handed back to the queue: 1; failed for want of attempts: 0" in log
     assert "Application shutdown complete" in log
 
     started = time.monotonic()
