@@ -366,15 +366,19 @@ def test_retry_backoff_grows_exponentially_with_jitter() -> None:
 async def test_a_job_whose_worker_died_is_claimed_again_after_its_lease(
     settings: SettingsFactory, db: asyncpg.Connection
 ) -> None:
-    """A processing job whose lease ran out (its worker died) is run again, as attempt 2."""
-    job_id = await db.fetchval(
+    """A processing job is left alone while its lease holds, and run again, as attempt 2, once the
+    lease has run out (its worker died)."""
+    leased = await db.fetchval(
         "INSERT INTO jobs (num_images, status, attempts, available_at)"
-        " VALUES (1, 'processing', 1, now() + interval '1 second') RETURNING id"
+        " VALUES (1, 'processing', 1, now() + interval '1 hour') RETURNING id"
     )
     async with running(settings()):
-        await asyncio.sleep(0.3)
-        assert (await job_row(db, job_id))["status"] == "processing"  # the lease still holds
-        row = await wait_for_status(db, job_id, "completed")
+        # A job queued after it is claimed and completed: the worker has looked past the live lease.
+        await wait_for_status(db, await insert_job(db), "completed")
+        row = await job_row(db, leased)
+        assert (row["status"], row["attempts"]) == ("processing", 1)  # the lease still holds
+        await db.execute("UPDATE jobs SET available_at = now() - interval '1 second' WHERE id = $1", leased)
+        row = await wait_for_status(db, leased, "completed")
     assert row["attempts"] == 2
 
 
