@@ -356,13 +356,15 @@ async def test_a_bad_provider_answer_fails_the_attempt_not_the_worker(
     assert row["error"] == "ValueError: no\ufffdpe"
 
 
-def test_retry_backoff_grows_exponentially_with_jitter() -> None:
-    """Each retry waits about twice as long as the one before, never more than the cap."""
-    for attempt in range(1, 12):
-        step = min(app.RETRY_BASE_SECONDS * 2 ** (attempt - 1), app.RETRY_MAX_SECONDS)
-        delays = {app.retry_delay(attempt) for _ in range(50)}
-        assert all(step / 2 <= delay <= step for delay in delays)
-        assert len(delays) > 1
+def test_retry_backoff_doubles_from_half_a_second_up_to_a_minute_with_jitter() -> None:
+    """The wait before retry n is between half its step and its step, where the step is 0.5 s and
+    doubles with each attempt up to 60 s; the other half is random (jitter) and spread over its range."""
+    steps = {1: 0.5, 2: 1, 3: 2, 4: 4, 5: 8, 6: 16, 7: 32, 8: 60, 9: 60, 12: 60, 100: 60}
+    for attempt, step in steps.items():
+        delays = [app.retry_delay(attempt) for _ in range(200)]
+        assert all(step / 2 <= delay <= step for delay in delays), (attempt, min(delays), max(delays))
+        # Jitter: the delays differ, and cover the range (200 uniform draws all in one tenth of it: p < 1e-19).
+        assert min(delays) < step * 0.6 and max(delays) > step * 0.9, (attempt, min(delays), max(delays))
 
 
 async def test_a_job_whose_worker_died_is_claimed_again_after_its_lease(
