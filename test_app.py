@@ -1,13 +1,14 @@
 """Behaviour of the generations service, against a real PostgreSQL (see conftest.py)."""
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import re
 import subprocess
 import sys
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import asyncpg
@@ -633,16 +634,77 @@ def test_importing_the_module_reads_nothing() -> None:
     assert done.returncode == 0, done.stderr
 
 
-async def test_a_shutdown_answers_long_polls_at_once(settings: SettingsFactory) -> None:
-    """When a shutdown begins, a waiting long poll answers right away with the job as it is."""
+@pytest.fixture
+def waiting_polls(monkeypatch: pytest.MonkeyPatch) -> Callable[[], int]:
+    """How many long polls are waiting for a wake-up right now (inside Notifications.watch)."""
+    waiting = 0
+    watch = app.Notifications.watch
+
+    @contextlib.contextmanager
+    def counted(self: app.Notifications, job_id: uuid.UUID) -> Iterator[asyncio.Event]:
+        nonlocal waiting
+        with watch(self, job_id) as event:
+            waiting += 1
+            try:
+                yield event
+            finally:
+                waiting -= 1
+
+    monkeypatch.setattr(app.Notifications, "watch", counted)
+    return lambda: waiting
+
+
+async def start_waiting_poll(
+    client: httpx.AsyncClient, job_id: str, waiting_polls: Callable[[], int]
+) -> asyncio.Task[httpx.Response]:
+    """Start a long poll (?wait=60) on a job; return once it is waiting, and has not answered."""
+    poll = asyncio.create_task(client.get(f"/generations/{job_id}", params={"wait": 60}))
+
+    async def waiting() -> bool:
+        return waiting_polls() == 1
+
+    await eventually(waiting)
+    # A negative control: a poll that answered without waiting would have done so by now.
+    await asyncio.sleep(0.3)
+    assert not poll.done(), poll.result().json()
+    return poll
+
+
+async def test_a_shutdown_answers_long_polls_at_once(
+    settings: SettingsFactory, waiting_polls: Callable[[], int]
+) -> None:
+    """When a shutdown begins, a long poll that is waiting answers right away with the job as it is."""
     application = app.create_app(settings(worker_concurrency=0))
     async with LifespanManager(application) as manager:
         transport = httpx.ASGITransport(app=manager.app)
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
             job = await post_job(client)
-            poll = asyncio.create_task(client.get(f"/generations/{job['jobId']}?wait=60"))
-            await asyncio.sleep(0.2)  # let the poll start waiting (if it had not, it would still answer below)
+            poll = await start_waiting_poll(client, job["jobId"], waiting_polls)
             application.state.begin_shutdown()
-            response = await asyncio.wait_for(poll, 10)
+            response = await asyncio.wait_for(poll, 2)  # not after its 60 seconds
     assert response.status_code == 200
-    assert response.json()["status"] == "pending"
+    assert response.json() == job  # still pending
+
+
+async def test_a_long_poll_answers_when_the_end_of_its_job_is_announced(
+    settings: SettingsFactory, db: asyncpg.Connection, waiting_polls: Callable[[], int]
+) -> None:
+    """A long poll on a job that nothing runs waits; when another replica ends the job and announces
+    it on generations_done (as the service does, after the update), the poll answers at once with
+    the job's final state, long before its wait is over."""
+    async with running(settings(worker_concurrency=0)) as client:
+        await eventually(lambda: listening(client))  # a notification sent from now on is heard
+        job = await post_job(client)
+        poll = await start_waiting_poll(client, job["jobId"], waiting_polls)
+        await db.execute(
+            "UPDATE jobs SET status = 'completed', animal = 'cat', image_urls = '[\"https://x.example/1\"]',"
+            " completed_at = now(), updated_at = now() WHERE id = $1",
+            uuid.UUID(job["jobId"]),
+        )
+        await db.execute("SELECT pg_notify('generations_done', $1)", job["jobId"])
+        response = await asyncio.wait_for(poll, 2)  # not after its 60 seconds
+    assert response.status_code == 200
+    body = response.json()
+    assert (body["jobId"], body["status"], body["animal"], body["imageUrls"]) == (
+        job["jobId"], "completed", "cat", ["https://x.example/1"],
+    )  # fmt: skip
