@@ -437,6 +437,42 @@ async def test_writes_are_fenced_on_the_claimed_attempt(db: asyncpg.Connection) 
     assert (await job_row(db, job_id))["status"] == "completed"
 
 
+async def test_the_lease_keeper_stops_a_cancelled_job_and_frees_its_slot(
+    settings: SettingsFactory, db: asyncpg.Connection, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A job cancelled while its provider call runs is stopped by the lease keeper, whose next
+    extension finds the claim gone: it logs that the claim was lost, cancels the provider call, and
+    frees the slot at once (WORKER_CONCURRENCY=1: the next job completes long before the first call
+    would have ended); the cancelled job stays cancelled."""
+    real_provider = app.generate_images
+    stopped = asyncio.Event()
+
+    async def hangs_for_two_images(animal: str, num_images: int, settings: app.Settings) -> list[str]:
+        """A minute for the job of two images, no time for others; note when the long call is cancelled."""
+        if num_images == 1:
+            return await real_provider(animal, num_images, settings)
+        try:
+            return await real_provider(animal, num_images, dataclasses.replace(settings, image_provider_delay=60))
+        except asyncio.CancelledError:
+            stopped.set()
+            raise
+
+    monkeypatch.setattr(app, "generate_images", hangs_for_two_images)
+    async with running(settings(worker_concurrency=1, job_lease_seconds=1)) as client:  # leases extended every 1/3 s
+        first = await post_job(client, 2)
+        await wait_for_status(db, first["jobId"], "processing")
+        second = await post_job(client, 1)
+        response = await client.post(f"/generations/{first['jobId']}/cancel")
+        assert (response.status_code, response.json()["status"]) == (200, "cancelled")
+        await wait_for_status(db, second["jobId"], "completed", within=5)  # not after the first call's minute
+        assert stopped.is_set()
+    expected = f"job {first['jobId']} attempt 1: claim lost (cancelled or taken over), stopping it"
+    warnings = [record.getMessage() for record in caplog.records if record.levelno >= logging.WARNING]
+    assert [message for message in warnings if first["jobId"] in message] == [expected]
+    row = await job_row(db, first["jobId"])
+    assert (row["status"], row["attempts"], row["animal"], row["image_urls"]) == ("cancelled", 1, None, None)
+
+
 async def test_only_due_jobs_are_claimed_and_each_only_once(db: asyncpg.Connection, db_url: str) -> None:
     """Claims skip jobs in backoff, jobs under a live lease, and rows another claim has locked."""
     due = await insert_job(db)
