@@ -565,6 +565,57 @@ async def test_several_workers_complete_each_job_exactly_once(
     assert len(calls) == 120
 
 
+# --- Running for months --------------------------------------------------------------------
+
+
+def metric(text: str, sample: str) -> float:
+    """The value of one sample (name and labels, as exposed) in a /metrics page."""
+    match = re.search(rf"^{re.escape(sample)} (\S+)$", text, re.MULTILINE)
+    assert match, f"{sample} is not in /metrics"
+    return float(match[1])
+
+
+async def test_a_hung_provider_call_times_out_and_frees_its_slot(
+    settings: SettingsFactory, db: asyncpg.Connection, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """JOB_TIMEOUT_SECONDS=1 and a provider call that would take a minute: each attempt is stopped
+    after 1 s and counted as timed out, retried (MAX_ATTEMPTS=2), then the job fails saying it timed
+    out. The slot is free as soon as an attempt times out: with WORKER_CONCURRENCY=1, a job queued
+    behind the hung one starts at once, and completes between the hung job's two attempts."""
+    real_provider = app.generate_images
+    timeline: list[tuple[str, float]] = []
+
+    async def hangs_for_two_images(animal: str, num_images: int, settings: app.Settings) -> list[str]:
+        """A minute for the job of two images, no time for others; note when calls start and are stopped."""
+        now = asyncio.get_running_loop().time
+        if num_images == 1:
+            timeline.append(("quick call started", now()))
+            return await real_provider(animal, num_images, settings)
+        try:
+            return await real_provider(animal, num_images, dataclasses.replace(settings, image_provider_delay=60))
+        except asyncio.CancelledError:
+            timeline.append(("hung call stopped", now()))
+            raise
+
+    monkeypatch.setattr(app, "generate_images", hangs_for_two_images)
+    async with running(settings(worker_concurrency=1, job_timeout_seconds=1, max_attempts=2)) as client:
+        hung = await post_job(client, 2)
+        await wait_for_status(db, hung["jobId"], "processing")
+        queued = await post_job(client, 1)
+        row = await wait_for_status(db, hung["jobId"], "failed", within=10)
+        metrics = (await client.get("/metrics")).text
+    assert row["attempts"] == 2
+    assert row["error"] == "the attempt timed out after 1s (JOB_TIMEOUT_SECONDS)"
+    # Each hung call was stopped, not left running; the queued job started as soon as the first was.
+    [(first, stopped), (second, started), (third, _)] = timeline
+    assert (first, second, third) == ("hung call stopped", "quick call started", "hung call stopped")
+    assert 0 <= started - stopped < 0.5, started - stopped
+    other = await job_row(db, queued["jobId"])
+    assert (other["status"], other["attempts"]) == ("completed", 1)
+    assert metric(metrics, 'generations_attempts_total{result="timed_out"}') == 2
+    assert metric(metrics, 'generations_attempts_total{result="completed"}') == 1
+
+
 # --- Losing the database ---------------------------------------------------------------------
 
 
