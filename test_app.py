@@ -616,6 +616,28 @@ async def test_a_hung_provider_call_times_out_and_frees_its_slot(
     assert metric(metrics, 'generations_attempts_total{result="completed"}') == 1
 
 
+async def test_a_job_interrupted_by_every_shutdown_fails_when_its_attempts_are_spent(
+    settings: SettingsFactory, db: asyncpg.Connection
+) -> None:
+    """A job that never finishes within the shutdown grace cannot run forever: the first shutdown
+    hands it back (pending, attempts 1, error says so); the next, on its last attempt (MAX_ATTEMPTS=2),
+    fails it instead of handing it back."""
+    config = settings(image_provider_delay=60, shutdown_grace_seconds=0.2, max_attempts=2)
+    async with running(config) as client:
+        job = await post_job(client)
+        await wait_for_status(db, job["jobId"], "processing")
+    row = await job_row(db, job["jobId"])
+    assert (row["status"], row["attempts"]) == ("pending", 1)
+    assert row["error"] == "the attempt was interrupted by a shutdown"
+
+    async with running(config):
+        await wait_for_status(db, job["jobId"], "processing")
+    row = await job_row(db, job["jobId"])
+    assert (row["status"], row["attempts"]) == ("failed", 2)
+    assert row["error"] == "the attempt was interrupted by a shutdown"
+    assert row["completed_at"] is not None
+
+
 # --- Losing the database ---------------------------------------------------------------------
 
 
