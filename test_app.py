@@ -638,6 +638,66 @@ async def test_a_job_interrupted_by_every_shutdown_fails_when_its_attempts_are_s
     assert row["completed_at"] is not None
 
 
+async def test_finished_jobs_are_deleted_once_the_retention_period_is_over(
+    settings: SettingsFactory, db: asyncpg.Connection
+) -> None:
+    """JOB_RETENTION_SECONDS=60: within 12 s (a deletion pass runs every 5 s), every job that finished
+    over 60 s ago is gone, however many (2,503: more than one batch), its GET is 404 and its
+    Idempotency-Key makes a new job; a job that finished within the 60 s, even one created long
+    ago, and pending and processing jobs, however old, are untouched."""
+    old = [
+        row["id"]
+        for row in await db.fetch(
+            "INSERT INTO jobs (num_images, status, idempotency_key, created_at, updated_at, completed_at)"
+            " SELECT 1, status, 'key-' || status, now() - interval '2 hours', now() - interval '1 hour',"
+            " now() - interval '1 hour' FROM unnest(ARRAY['completed', 'failed', 'cancelled']) AS status RETURNING id"
+        )
+    ]
+    await db.execute(
+        "INSERT INTO jobs (num_images, status, created_at, updated_at, completed_at)"
+        " SELECT 1, 'completed', now() - interval '2 hours', now() - interval '61 seconds',"
+        " now() - interval '61 seconds' FROM generate_series(1, 2500)"
+    )
+    # Created, updated and finished this many seconds ago (none: not finished), then its status.
+    ages = [(7200, 30, 30, "completed"), (40, 30, 30, "cancelled"), (7200, 7200, None, "pending")]
+    ages += [(7200, 7200, None, "processing")]
+    kept = await db.fetch(
+        "INSERT INTO jobs (num_images, status, created_at, updated_at, completed_at, available_at)"
+        " SELECT 1, status, now() - make_interval(secs => created), now() - make_interval(secs => updated),"
+        " now() - make_interval(secs => finished), now() + interval '1 hour'"
+        " FROM unnest($1::int[], $2::int[], $3::int[], $4::text[]) AS age(created, updated, finished, status)"
+        " RETURNING *",
+        *zip(*ages, strict=True),
+    )
+    expired = "SELECT count(*) FROM jobs WHERE completed_at < now() - interval '60 seconds'"
+    assert await db.fetchval(expired) == 2503
+    async with running(settings(worker_concurrency=0, job_retention_seconds=60)) as client:
+        await eventually(lambda: db.fetchval(f"SELECT ({expired}) = 0"), within=12)
+        for job_id in old:
+            assert_problem(await client.get(f"/generations/{job_id}"), 404, "Job not found")
+        again = await client.post("/generations", json={"numImages": 1}, headers={"Idempotency-Key": "key-completed"})
+        assert again.status_code == 202, again.text
+        assert uuid.UUID(again.json()["jobId"]) not in old
+        for row in kept:
+            assert (await client.get(f"/generations/{row['id']}")).status_code == 200
+    assert [await job_row(db, row["id"]) for row in kept] == kept
+
+
+async def test_a_retention_of_zero_keeps_every_job(
+    settings: SettingsFactory, db: asyncpg.Connection, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """JOB_RETENTION_SECONDS=0 deletes no job, however long ago it finished."""
+    monkeypatch.setattr(app, "RETENTION_INTERVAL_SECONDS", 0.05)  # any deletion pass would run at once
+    await db.execute(
+        "INSERT INTO jobs (num_images, status, created_at, updated_at, completed_at)"
+        " SELECT 1, status, now() - interval '2 years', now() - interval '1 year', now() - interval '1 year'"
+        " FROM unnest(ARRAY['completed', 'failed', 'cancelled']) AS status"
+    )
+    async with running(settings(worker_concurrency=0, job_retention_seconds=0)):
+        await asyncio.sleep(0.5)  # a negative control: ten deletion passes' time, were one running
+    assert await db.fetchval("SELECT count(*) FROM jobs") == 3
+
+
 # --- Losing the database ---------------------------------------------------------------------
 
 
