@@ -3,6 +3,7 @@
 import asyncio
 import contextlib
 import dataclasses
+import json
 import logging
 import re
 import subprocess
@@ -10,6 +11,7 @@ import sys
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import httpx
@@ -696,6 +698,65 @@ async def test_a_retention_of_zero_keeps_every_job(
     async with running(settings(worker_concurrency=0, job_retention_seconds=0)):
         await asyncio.sleep(0.5)  # a negative control: ten deletion passes' time, were one running
     assert await db.fetchval("SELECT count(*) FROM jobs") == 3
+
+
+async def explain_claim(db: asyncpg.Connection, limit: int) -> dict[str, Any]:
+    """The plan of one claim of up to `limit` jobs, as run (EXPLAIN ANALYZE, BUFFERS), then rolled back."""
+    transaction = db.transaction()
+    await transaction.start()
+    try:
+        explained = await db.fetchval("EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) " + app.CLAIM_JOBS, limit, 30.0, 3)
+    finally:
+        await transaction.rollback()
+    return json.loads(explained)[0]["Plan"]
+
+
+def plan_nodes(node: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    yield node
+    for child in node.get("Plans", []):
+        yield from plan_nodes(child)
+
+
+def check_claim_cost(plan: dict[str, Any], claimed: int) -> None:
+    """The claim took `claimed` jobs, and read about that many rows and pages, whatever else the table holds."""
+    assert plan["Actual Rows"] == claimed
+    for node in plan_nodes(plan):
+        if node.get("Relation Name") != "jobs" or "Scan" not in node["Node Type"]:
+            continue
+        removed = node.get("Rows Removed by Filter", 0) + node.get("Rows Removed by Index Recheck", 0)
+        read = (node["Actual Rows"] + removed) * node["Actual Loops"]
+        scan = f"{node['Node Type']} {node.get('Index Name', '')}"
+        assert node["Node Type"] != "Seq Scan" and read <= claimed + 2, f"{scan} read {read:g} rows"
+    # About 20 pages a claimed job (its row, the index entries of its new version); a scan of the
+    # backlog would touch more than 1,000.
+    pages = plan["Shared Hit Blocks"] + plan["Shared Read Blocks"]
+    assert pages <= 30 * claimed + 60, f"the claim of {claimed} jobs touched {pages} pages"
+
+
+async def test_a_backlog_does_not_make_the_claim_read_more(db: asyncpg.Connection) -> None:
+    """The claim (which also fails abandoned jobs) reads only the rows it claims, whatever the backlog:
+    with 50,000 pending jobs not yet due and 50,000 finished ones, it reads the 3 due jobs; with the
+    50,000 due, a claim of 20 reads 20."""
+    await db.execute(
+        "INSERT INTO jobs (num_images, status, available_at)"
+        " SELECT 1, 'pending', now() + interval '1 hour' FROM generate_series(1, 50000)"
+    )
+    await db.execute(
+        "INSERT INTO jobs (num_images, status, attempts, completed_at)"
+        " SELECT 1, 'completed', 1, now() FROM generate_series(1, 50000)"
+    )
+    await db.execute(
+        "INSERT INTO jobs (num_images, status, attempts, available_at) VALUES"
+        " (1, 'pending', 0, now() - interval '1 minute'),"  # new
+        " (1, 'processing', 1, now() - interval '1 minute'),"  # abandoned, attempts left: run
+        " (1, 'processing', 3, now() - interval '1 minute')"  # abandoned on its last attempt: failed
+    )
+    await db.execute("ANALYZE jobs")  # as autovacuum would
+    check_claim_cost(await explain_claim(db, 20), claimed=3)
+
+    await db.execute("UPDATE jobs SET available_at = now() - random() * interval '1 hour' WHERE status = 'pending'")
+    await db.execute("ANALYZE jobs")
+    check_claim_cost(await explain_claim(db, 20), claimed=20)
 
 
 # --- Losing the database ---------------------------------------------------------------------
