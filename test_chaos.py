@@ -269,6 +269,33 @@ async def test_a_job_whose_process_was_killed_is_completed_once_by_another(
 
 
 @pytest.mark.chaos
+async def test_a_job_longer_than_its_lease_is_run_once(
+    replicas: Replicas, db: asyncpg.Connection, session: aiohttp.ClientSession
+) -> None:
+    """A job that runs three times its lease (JOB_LEASE_SECONDS=1, the provider takes 3 s), with two
+    replicas looking for due jobs every 0.2 s: the replica running it keeps extending its lease, so
+    it is completed once, as attempt 1, with exactly one provider call in both replicas' logs."""
+    services = await replicas.start_many(
+        2, JOB_LEASE_SECONDS=1, IMAGE_PROVIDER_DELAY=3, WORKER_POLL_INTERVAL=0.2, LOG_LEVEL="DEBUG"
+    )
+    [job_id] = await post_jobs(session, services[:1], 1)
+
+    async def ended() -> asyncpg.Record | None:
+        row = await job_row(db, job_id)
+        return row if row["status"] in app.TERMINAL_STATUSES else None
+
+    row = await eventually(ended, within=10)
+    assert (row["status"], row["attempts"]) == ("completed", 1)
+    report(
+        "job longer than its lease",
+        lease_s=1,
+        run_s=round((row["completed_at"] - row["created_at"]).total_seconds(), 2),
+    )
+    assert provider_calls(*services) == Counter({(job_id, 1): 1})
+    assert not any("claim lost" in service.log() or "result dropped" in service.log() for service in services)
+
+
+@pytest.mark.chaos
 async def test_sigterm_hands_a_running_job_back_at_once(
     replicas: Replicas, db: asyncpg.Connection, session: aiohttp.ClientSession
 ) -> None:
