@@ -643,6 +643,72 @@ async def test_jobs_start_promptly_after_the_listen_connection_is_killed(
     assert "the notification connection was lost; reconnecting" in service.log()
 
 
+# --- Starting a replica --------------------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def open_write_transaction(database_url: str) -> AsyncIterator[None]:
+    """A transaction that has written to jobs and stays open for the block (its lock on the table
+    conflicts with any DDL on it); rolled back on the way out."""
+    async with connect(database_url) as other:
+        transaction = other.transaction()
+        await transaction.start()
+        await other.execute("INSERT INTO jobs (num_images, status) VALUES (1, 'cancelled')")
+        try:
+            yield
+        finally:
+            await transaction.rollback()
+
+
+@contextlib.asynccontextmanager
+async def posting_steadily(session: aiohttp.ClientSession, service: Service) -> AsyncIterator[list[Post]]:
+    """One client POSTs a job about every 20 ms for as long as the block runs; the list fills with every answer."""
+    stop = asyncio.Event()
+    posts: list[Post] = []
+    load = asyncio.create_task(post_until(stop, session, service, posts, limit=5000))
+    try:
+        yield posts
+    finally:
+        stop.set()
+        await load
+
+
+async def pickup_seconds(db: asyncpg.Connection) -> list[float]:
+    """For each completed job, how long from its creation to its completion (the provider takes no time)."""
+    rows = await db.fetch(
+        "SELECT extract(epoch FROM completed_at - created_at) AS s FROM jobs WHERE status = 'completed'"
+    )
+    return [float(row["s"]) for row in rows]
+
+
+@pytest.mark.chaos
+async def test_a_replica_starts_beside_an_open_write_transaction_without_waiting(
+    replicas: Replicas, db: asyncpg.Connection, db_url: str, session: aiohttp.ClientSession
+) -> None:
+    """With the schema current, a replica started while another transaction holds a write lock on
+    jobs takes no lock on the table: it becomes ready while that transaction is still open, and all
+    the while the running replica's POSTs answer promptly and its worker completes their jobs promptly."""
+    running = await replicas.start(IMAGE_PROVIDER_DELAY=0)
+    async with open_write_transaction(db_url), posting_steadily(session, running) as posts:
+        started = time.monotonic()
+        new = await replicas.start(IMAGE_PROVIDER_DELAY=0)
+        assert await is_ready(session, new)  # the transaction is still open
+        ready_s = time.monotonic() - started
+    await wait_until_none_unfinished(db, within=5)
+    pickups = await pickup_seconds(db)
+    report(
+        "replica start beside a write transaction",
+        ready_s=round(ready_s, 2),
+        posts=len(posts),
+        slowest_post_s=round(max(post.reply.seconds for post in posts if post.reply), 3),
+        slowest_pickup_s=round(max(pickups), 3),
+    )
+    assert "schema.sql" not in new.log()  # it neither applied the schema nor waited to
+    assert answers(posts) == {202: len(posts)}
+    assert max(post.reply.seconds for post in posts if post.reply) < 0.5
+    assert len(pickups) == len(posts) and max(pickups) < 0.5
+
+
 # --- The provider fails ----------------------------------------------------------------------
 
 
