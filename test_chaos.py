@@ -61,14 +61,16 @@ class Replicas:
         self.cleanup = cleanup
         self.count = 0
 
+    def new(self, **env: Env) -> Service:
+        """A service with this environment, not started yet; killed when the block ends."""
+        self.count += 1
+        service = Service(self.database_url, self.log_dir / f"service-{self.count}.log", **env)
+        self.cleanup.push(service)  # its __exit__ kills the process if it still runs
+        return service
+
     async def start_many(self, count: int, **env: Env) -> list[Service]:
         """Start `count` services with this environment side by side; return once each answers /health."""
-        services: list[Service] = []
-        for _ in range(count):
-            self.count += 1
-            service = Service(self.database_url, self.log_dir / f"service-{self.count}.log", **env)
-            self.cleanup.push(service)  # its __exit__ kills the process if it still runs
-            services.append(service)
+        services = [self.new(**env) for _ in range(count)]
         await asyncio.gather(*(asyncio.to_thread(service.start) for service in services))
         return services
 
@@ -707,6 +709,44 @@ async def test_a_replica_starts_beside_an_open_write_transaction_without_waiting
     assert answers(posts) == {202: len(posts)}
     assert max(post.reply.seconds for post in posts if post.reply) < 0.5
     assert len(pickups) == len(posts) and max(pickups) < 0.5
+
+
+@pytest.mark.chaos
+async def test_a_replica_with_a_schema_to_apply_waits_without_holding_up_the_others(
+    replicas: Replicas, db: asyncpg.Connection, db_url: str, session: aiohttp.ClientSession
+) -> None:
+    """With the schema outdated, a replica started while another transaction holds a write lock on
+    jobs waits for it without queueing anyone behind its DDL: it says so in its log, the running
+    replica's POSTs answer promptly all along, and it becomes ready once the transaction ends."""
+    running = await replicas.start(IMAGE_PROVIDER_DELAY=0)
+    current = await db.fetchval(app.SELECT_SCHEMA_VERSION)
+    await db.execute("UPDATE schema_version SET version = 'old'")
+    new = replicas.new(IMAGE_PROVIDER_DELAY=0)
+    waiting = "schema.sql waits for other transactions on the jobs table; trying again"
+    async with open_write_transaction(db_url):
+        async with posting_steadily(session, running) as posts:
+            starting = asyncio.create_task(asyncio.to_thread(new.start))
+
+            async def waited_twice() -> bool:
+                return new.log_path.exists() and new.log().count(waiting) >= 2
+
+            await eventually(waited_twice, within=15)
+        assert not starting.done()  # not ready while the transaction is open
+        waits_logged = new.log().count(waiting)
+    ended = time.monotonic()
+    await asyncio.wait_for(starting, 10)
+    ready_after_s = time.monotonic() - ended
+    assert await is_ready(session, new)
+    assert await db.fetchval(app.SELECT_SCHEMA_VERSION) == current
+    report(
+        "replica applying the schema beside a write transaction",
+        waits_logged=waits_logged,
+        ready_after_transaction_s=round(ready_after_s, 2),
+        posts=len(posts),
+        slowest_post_s=round(max(post.reply.seconds for post in posts if post.reply), 3),
+    )
+    assert answers(posts) == {202: len(posts)}
+    assert max(post.reply.seconds for post in posts if post.reply) < 0.5
 
 
 # --- The provider fails ----------------------------------------------------------------------
