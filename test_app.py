@@ -735,7 +735,7 @@ def check_claim_cost(plan: dict[str, Any], claimed: int) -> None:
 
 async def test_a_backlog_does_not_make_the_claim_read_more(db: asyncpg.Connection) -> None:
     """The claim (which also fails abandoned jobs) reads only the rows it claims, whatever the backlog:
-    with 50,000 pending jobs not yet due and 50,000 finished ones, it reads the 3 due jobs; with the
+    with 50,000 pending jobs not yet due and 20,000 finished ones, it reads the 3 due jobs; with the
     50,000 due, a claim of 20 reads 20."""
     await db.execute(
         "INSERT INTO jobs (num_images, status, available_at)"
@@ -743,7 +743,7 @@ async def test_a_backlog_does_not_make_the_claim_read_more(db: asyncpg.Connectio
     )
     await db.execute(
         "INSERT INTO jobs (num_images, status, attempts, completed_at)"
-        " SELECT 1, 'completed', 1, now() FROM generate_series(1, 50000)"
+        " SELECT 1, 'completed', 1, now() FROM generate_series(1, 20000)"
     )
     await db.execute(
         "INSERT INTO jobs (num_images, status, attempts, available_at) VALUES"
