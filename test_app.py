@@ -1,11 +1,15 @@
 """Behaviour of the generations service, against a real PostgreSQL (see conftest.py)."""
 
 import asyncio
+import contextlib
+import dataclasses
+import json
+import logging
 import re
 import subprocess
 import sys
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -356,27 +360,33 @@ async def test_a_bad_provider_answer_fails_the_attempt_not_the_worker(
     assert row["error"] == "ValueError: no\ufffdpe"
 
 
-def test_retry_backoff_grows_exponentially_with_jitter() -> None:
-    """Each retry waits about twice as long as the one before, never more than the cap."""
-    for attempt in range(1, 12):
-        step = min(app.RETRY_BASE_SECONDS * 2 ** (attempt - 1), app.RETRY_MAX_SECONDS)
-        delays = {app.retry_delay(attempt) for _ in range(50)}
-        assert all(step / 2 <= delay <= step for delay in delays)
-        assert len(delays) > 1
+def test_retry_backoff_doubles_from_half_a_second_up_to_a_minute_with_jitter() -> None:
+    """The wait before retry n is between half its step and its step, where the step is 0.5 s and
+    doubles with each attempt up to 60 s; the other half is random (jitter) and spread over its range."""
+    steps = {1: 0.5, 2: 1, 3: 2, 4: 4, 5: 8, 6: 16, 7: 32, 8: 60, 9: 60, 12: 60, 100: 60}
+    for attempt, step in steps.items():
+        delays = [app.retry_delay(attempt) for _ in range(200)]
+        assert all(step / 2 <= delay <= step for delay in delays), (attempt, min(delays), max(delays))
+        # Jitter: the delays differ, and cover the range (200 uniform draws all in one tenth of it: p < 1e-19).
+        assert min(delays) < step * 0.6 and max(delays) > step * 0.9, (attempt, min(delays), max(delays))
 
 
 async def test_a_job_whose_worker_died_is_claimed_again_after_its_lease(
     settings: SettingsFactory, db: asyncpg.Connection
 ) -> None:
-    """A processing job whose lease ran out (its worker died) is run again, as attempt 2."""
-    job_id = await db.fetchval(
+    """A processing job is left alone while its lease holds, and run again, as attempt 2, once the
+    lease has run out (its worker died)."""
+    leased = await db.fetchval(
         "INSERT INTO jobs (num_images, status, attempts, available_at)"
-        " VALUES (1, 'processing', 1, now() + interval '1 second') RETURNING id"
+        " VALUES (1, 'processing', 1, now() + interval '1 hour') RETURNING id"
     )
     async with running(settings()):
-        await asyncio.sleep(0.3)
-        assert (await job_row(db, job_id))["status"] == "processing"  # the lease still holds
-        row = await wait_for_status(db, job_id, "completed")
+        # A job queued after it is claimed and completed: the worker has looked past the live lease.
+        await wait_for_status(db, await insert_job(db), "completed")
+        row = await job_row(db, leased)
+        assert (row["status"], row["attempts"]) == ("processing", 1)  # the lease still holds
+        await db.execute("UPDATE jobs SET available_at = now() - interval '1 second' WHERE id = $1", leased)
+        row = await wait_for_status(db, leased, "completed")
     assert row["attempts"] == 2
 
 
@@ -430,6 +440,42 @@ async def test_writes_are_fenced_on_the_claimed_attempt(db: asyncpg.Connection) 
     assert (await job_row(db, job_id))["status"] == "completed"
 
 
+async def test_the_lease_keeper_stops_a_cancelled_job_and_frees_its_slot(
+    settings: SettingsFactory, db: asyncpg.Connection, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A job cancelled while its provider call runs is stopped by the lease keeper, whose next
+    extension finds the claim gone: it logs that the claim was lost, cancels the provider call, and
+    frees the slot at once (WORKER_CONCURRENCY=1: the next job completes long before the first call
+    would have ended); the cancelled job stays cancelled."""
+    real_provider = app.generate_images
+    stopped = asyncio.Event()
+
+    async def hangs_for_two_images(animal: str, num_images: int, settings: app.Settings) -> list[str]:
+        """A minute for the job of two images, no time for others; note when the long call is cancelled."""
+        if num_images == 1:
+            return await real_provider(animal, num_images, settings)
+        try:
+            return await real_provider(animal, num_images, dataclasses.replace(settings, image_provider_delay=60))
+        except asyncio.CancelledError:
+            stopped.set()
+            raise
+
+    monkeypatch.setattr(app, "generate_images", hangs_for_two_images)
+    async with running(settings(worker_concurrency=1, job_lease_seconds=1)) as client:  # leases extended every 1/3 s
+        first = await post_job(client, 2)
+        await wait_for_status(db, first["jobId"], "processing")
+        second = await post_job(client, 1)
+        response = await client.post(f"/generations/{first['jobId']}/cancel")
+        assert (response.status_code, response.json()["status"]) == (200, "cancelled")
+        await wait_for_status(db, second["jobId"], "completed", within=5)  # not after the first call's minute
+        assert stopped.is_set()
+    expected = f"job {first['jobId']} attempt 1: claim lost (cancelled or taken over), stopping it"
+    warnings = [record.getMessage() for record in caplog.records if record.levelno >= logging.WARNING]
+    assert [message for message in warnings if first["jobId"] in message] == [expected]
+    row = await job_row(db, first["jobId"])
+    assert (row["status"], row["attempts"], row["animal"], row["image_urls"]) == ("cancelled", 1, None, None)
+
+
 async def test_only_due_jobs_are_claimed_and_each_only_once(db: asyncpg.Connection, db_url: str) -> None:
     """Claims skip jobs in backoff, jobs under a live lease, and rows another claim has locked."""
     due = await insert_job(db)
@@ -457,13 +503,39 @@ async def test_shutdown_hands_unfinished_jobs_back_at_once(settings: SettingsFac
 
 
 async def test_shutdown_lets_running_jobs_finish_within_the_grace_period(
-    settings: SettingsFactory, db: asyncpg.Connection
+    settings: SettingsFactory, db: asyncpg.Connection, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """On shutdown, a job that finishes within SHUTDOWN_GRACE_SECONDS is completed, not handed back."""
-    async with running(settings(image_provider_delay=0.5, shutdown_grace_seconds=10)) as client:
-        job = await post_job(client)
-        await wait_for_status(db, job["jobId"], "processing")
-    assert (await job_row(db, job["jobId"]))["status"] == "completed"
+    """On shutdown, jobs that finish within SHUTDOWN_GRACE_SECONDS are completed on their first
+    attempt, not handed back, and each result is recorded once: no line says one was dropped or
+    lost. Here the first job's completing write commits but its answer comes back late, and the
+    second job ends the grace period meanwhile: the shutdown must let that write end, not cut it
+    and write the result again."""
+    real_fetch, real_provider = asyncpg.Pool.fetch, app.generate_images
+
+    async def late_answer_to_completions(pool: asyncpg.Pool, query: str, *args: object, **kwargs: object) -> list:
+        rows = await real_fetch(pool, query, *args, **kwargs)
+        if query == app.COMPLETE_JOBS:
+            await asyncio.sleep(0.4)  # committed; the answer is on its way
+        return rows
+
+    async def one_image_first(animal: str, num_images: int, settings: app.Settings) -> list[str]:
+        """0.5 s for a job of one image, 0.7 s for two: the second ends while the first is being written."""
+        delay = 0.5 if num_images == 1 else 0.7
+        return await real_provider(animal, num_images, dataclasses.replace(settings, image_provider_delay=delay))
+
+    monkeypatch.setattr(asyncpg.Pool, "fetch", late_answer_to_completions)
+    monkeypatch.setattr(app, "generate_images", one_image_first)
+    caplog.set_level(logging.INFO, logger="generations")
+    async with running(settings(shutdown_grace_seconds=10)) as client:
+        jobs = [await post_job(client, 1), await post_job(client, 2)]
+        for job in jobs:
+            await wait_for_status(db, job["jobId"], "processing")
+    for job in jobs:
+        row = await job_row(db, job["jobId"])
+        assert (row["status"], row["attempts"], row["error"]) == ("completed", 1, None)
+    messages = [record.getMessage() for record in caplog.records if record.name == "generations"]
+    assert "shutting down: waiting up to 10s for 2 running jobs" in messages  # they did finish during the grace
+    assert [m for m in messages if "result dropped" in m or "claim lost" in m or "handed" in m] == []
 
 
 async def test_api_only_mode_runs_no_worker(settings: SettingsFactory, db: asyncpg.Connection) -> None:
@@ -494,6 +566,198 @@ async def test_several_workers_complete_each_job_exactly_once(
         await eventually(lambda: db.fetchval("SELECT count(*) = 120 FROM jobs WHERE status = 'completed'"), 30)
     assert await db.fetchval("SELECT max(attempts) FROM jobs") == 1
     assert len(calls) == 120
+
+
+# --- Running for months --------------------------------------------------------------------
+
+
+def metric(text: str, sample: str) -> float:
+    """The value of one sample (name and labels, as exposed) in a /metrics page."""
+    match = re.search(rf"^{re.escape(sample)} (\S+)$", text, re.MULTILINE)
+    assert match, f"{sample} is not in /metrics"
+    return float(match[1])
+
+
+async def test_a_hung_provider_call_times_out_and_frees_its_slot(
+    settings: SettingsFactory, db: asyncpg.Connection, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """JOB_TIMEOUT_SECONDS=1 and a provider call that would take a minute: each attempt is stopped
+    after 1 s and counted as timed out, retried (MAX_ATTEMPTS=2), then the job fails saying it timed
+    out. The slot is free as soon as an attempt times out: with WORKER_CONCURRENCY=1, a job queued
+    behind the hung one starts at once, and completes between the hung job's two attempts."""
+    real_provider = app.generate_images
+    timeline: list[tuple[str, float]] = []
+
+    async def hangs_for_two_images(animal: str, num_images: int, settings: app.Settings) -> list[str]:
+        """A minute for the job of two images, no time for others; note when calls start and are stopped."""
+        now = asyncio.get_running_loop().time
+        if num_images == 1:
+            timeline.append(("quick call started", now()))
+            return await real_provider(animal, num_images, settings)
+        try:
+            return await real_provider(animal, num_images, dataclasses.replace(settings, image_provider_delay=60))
+        except asyncio.CancelledError:
+            timeline.append(("hung call stopped", now()))
+            raise
+
+    monkeypatch.setattr(app, "generate_images", hangs_for_two_images)
+    async with running(settings(worker_concurrency=1, job_timeout_seconds=1, max_attempts=2)) as client:
+        hung = await post_job(client, 2)
+        await wait_for_status(db, hung["jobId"], "processing")
+        queued = await post_job(client, 1)
+        row = await wait_for_status(db, hung["jobId"], "failed", within=10)
+        metrics = (await client.get("/metrics")).text
+    assert row["attempts"] == 2
+    assert row["error"] == "the attempt timed out after 1s (JOB_TIMEOUT_SECONDS)"
+    # Each hung call was stopped, not left running; the queued job started as soon as the first was.
+    [(first, stopped), (second, started), (third, _)] = timeline
+    assert (first, second, third) == ("hung call stopped", "quick call started", "hung call stopped")
+    assert 0 <= started - stopped < 0.5, started - stopped
+    other = await job_row(db, queued["jobId"])
+    assert (other["status"], other["attempts"]) == ("completed", 1)
+    assert metric(metrics, 'generations_attempts_total{result="timed_out"}') == 2
+    assert metric(metrics, 'generations_attempts_total{result="completed"}') == 1
+
+
+async def test_a_job_interrupted_by_every_shutdown_fails_when_its_attempts_are_spent(
+    settings: SettingsFactory, db: asyncpg.Connection
+) -> None:
+    """A job that never finishes within the shutdown grace cannot run forever: the first shutdown
+    hands it back (pending, attempts 1, error says so); the next, on its last attempt (MAX_ATTEMPTS=2),
+    fails it instead of handing it back."""
+    config = settings(image_provider_delay=60, shutdown_grace_seconds=0.2, max_attempts=2)
+    async with running(config) as client:
+        job = await post_job(client)
+        await wait_for_status(db, job["jobId"], "processing")
+    row = await job_row(db, job["jobId"])
+    assert (row["status"], row["attempts"]) == ("pending", 1)
+    assert row["error"] == "the attempt was interrupted by a shutdown"
+
+    async with running(config):
+        await wait_for_status(db, job["jobId"], "processing")
+    row = await job_row(db, job["jobId"])
+    assert (row["status"], row["attempts"]) == ("failed", 2)
+    assert row["error"] == "the attempt was interrupted by a shutdown"
+    assert row["completed_at"] is not None
+
+
+async def test_finished_jobs_are_deleted_once_the_retention_period_is_over(
+    settings: SettingsFactory, db: asyncpg.Connection
+) -> None:
+    """JOB_RETENTION_SECONDS=60: within 12 s (a deletion pass runs every 5 s), every job that finished
+    over 60 s ago is gone, however many (2,503: more than one batch), its GET is 404 and its
+    Idempotency-Key makes a new job; a job that finished within the 60 s, even one created long
+    ago, and pending and processing jobs, however old, are untouched."""
+    old = [
+        row["id"]
+        for row in await db.fetch(
+            "INSERT INTO jobs (num_images, status, idempotency_key, created_at, updated_at, completed_at)"
+            " SELECT 1, status, 'key-' || status, now() - interval '2 hours', now() - interval '1 hour',"
+            " now() - interval '1 hour' FROM unnest(ARRAY['completed', 'failed', 'cancelled']) AS status RETURNING id"
+        )
+    ]
+    await db.execute(
+        "INSERT INTO jobs (num_images, status, created_at, updated_at, completed_at)"
+        " SELECT 1, 'completed', now() - interval '2 hours', now() - interval '61 seconds',"
+        " now() - interval '61 seconds' FROM generate_series(1, 2500)"
+    )
+    # Created, updated and finished this many seconds ago (none: not finished), then its status.
+    ages = [(7200, 30, 30, "completed"), (40, 30, 30, "cancelled"), (7200, 7200, None, "pending")]
+    ages += [(7200, 7200, None, "processing")]
+    kept = await db.fetch(
+        "INSERT INTO jobs (num_images, status, created_at, updated_at, completed_at, available_at)"
+        " SELECT 1, status, now() - make_interval(secs => created), now() - make_interval(secs => updated),"
+        " now() - make_interval(secs => finished), now() + interval '1 hour'"
+        " FROM unnest($1::int[], $2::int[], $3::int[], $4::text[]) AS age(created, updated, finished, status)"
+        " RETURNING *",
+        *zip(*ages, strict=True),
+    )
+    expired = "SELECT count(*) FROM jobs WHERE completed_at < now() - interval '60 seconds'"
+    assert await db.fetchval(expired) == 2503
+    async with running(settings(worker_concurrency=0, job_retention_seconds=60)) as client:
+        await eventually(lambda: db.fetchval(f"SELECT ({expired}) = 0"), within=12)
+        for job_id in old:
+            assert_problem(await client.get(f"/generations/{job_id}"), 404, "Job not found")
+        again = await client.post("/generations", json={"numImages": 1}, headers={"Idempotency-Key": "key-completed"})
+        assert again.status_code == 202, again.text
+        assert uuid.UUID(again.json()["jobId"]) not in old
+        for row in kept:
+            assert (await client.get(f"/generations/{row['id']}")).status_code == 200
+    assert [await job_row(db, row["id"]) for row in kept] == kept
+
+
+async def test_a_retention_of_zero_keeps_every_job(
+    settings: SettingsFactory, db: asyncpg.Connection, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """JOB_RETENTION_SECONDS=0 deletes no job, however long ago it finished."""
+    monkeypatch.setattr(app, "RETENTION_INTERVAL_SECONDS", 0.05)  # any deletion pass would run at once
+    await db.execute(
+        "INSERT INTO jobs (num_images, status, created_at, updated_at, completed_at)"
+        " SELECT 1, status, now() - interval '2 years', now() - interval '1 year', now() - interval '1 year'"
+        " FROM unnest(ARRAY['completed', 'failed', 'cancelled']) AS status"
+    )
+    async with running(settings(worker_concurrency=0, job_retention_seconds=0)):
+        await asyncio.sleep(0.5)  # a negative control: ten deletion passes' time, were one running
+    assert await db.fetchval("SELECT count(*) FROM jobs") == 3
+
+
+async def explain_claim(db: asyncpg.Connection, limit: int) -> dict[str, Any]:
+    """The plan of one claim of up to `limit` jobs, as run (EXPLAIN ANALYZE, BUFFERS), then rolled back."""
+    transaction = db.transaction()
+    await transaction.start()
+    try:
+        explained = await db.fetchval("EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) " + app.CLAIM_JOBS, limit, 30.0, 3)
+    finally:
+        await transaction.rollback()
+    return json.loads(explained)[0]["Plan"]
+
+
+def plan_nodes(node: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    yield node
+    for child in node.get("Plans", []):
+        yield from plan_nodes(child)
+
+
+def check_claim_cost(plan: dict[str, Any], claimed: int) -> None:
+    """The claim took `claimed` jobs, and read about that many rows and pages, whatever else the table holds."""
+    assert plan["Actual Rows"] == claimed
+    for node in plan_nodes(plan):
+        if node.get("Relation Name") != "jobs" or "Scan" not in node["Node Type"]:
+            continue
+        removed = node.get("Rows Removed by Filter", 0) + node.get("Rows Removed by Index Recheck", 0)
+        read = (node["Actual Rows"] + removed) * node["Actual Loops"]
+        scan = f"{node['Node Type']} {node.get('Index Name', '')}"
+        assert node["Node Type"] != "Seq Scan" and read <= claimed + 2, f"{scan} read {read:g} rows"
+    # About 20 pages a claimed job (its row, the index entries of its new version); a scan of the
+    # backlog would touch more than 1,000.
+    pages = plan["Shared Hit Blocks"] + plan["Shared Read Blocks"]
+    assert pages <= 30 * claimed + 60, f"the claim of {claimed} jobs touched {pages} pages"
+
+
+async def test_a_backlog_does_not_make_the_claim_read_more(db: asyncpg.Connection) -> None:
+    """The claim (which also fails abandoned jobs) reads only the rows it claims, whatever the backlog:
+    with 50,000 pending jobs not yet due and 20,000 finished ones, it reads the 3 due jobs; with the
+    50,000 due, a claim of 20 reads 20."""
+    await db.execute(
+        "INSERT INTO jobs (num_images, status, available_at)"
+        " SELECT 1, 'pending', now() + interval '1 hour' FROM generate_series(1, 50000)"
+    )
+    await db.execute(
+        "INSERT INTO jobs (num_images, status, attempts, completed_at)"
+        " SELECT 1, 'completed', 1, now() FROM generate_series(1, 20000)"
+    )
+    await db.execute(
+        "INSERT INTO jobs (num_images, status, attempts, available_at) VALUES"
+        " (1, 'pending', 0, now() - interval '1 minute'),"  # new
+        " (1, 'processing', 1, now() - interval '1 minute'),"  # abandoned, attempts left: run
+        " (1, 'processing', 3, now() - interval '1 minute')"  # abandoned on its last attempt: failed
+    )
+    await db.execute("ANALYZE jobs")  # as autovacuum would
+    check_claim_cost(await explain_claim(db, 20), claimed=3)
+
+    await db.execute("UPDATE jobs SET available_at = now() - random() * interval '1 hour' WHERE status = 'pending'")
+    await db.execute("ANALYZE jobs")
+    check_claim_cost(await explain_claim(db, 20), claimed=20)
 
 
 # --- Losing the database ---------------------------------------------------------------------
@@ -601,16 +865,77 @@ def test_importing_the_module_reads_nothing() -> None:
     assert done.returncode == 0, done.stderr
 
 
-async def test_a_shutdown_answers_long_polls_at_once(settings: SettingsFactory) -> None:
-    """When a shutdown begins, a waiting long poll answers right away with the job as it is."""
+@pytest.fixture
+def waiting_polls(monkeypatch: pytest.MonkeyPatch) -> Callable[[], int]:
+    """How many long polls are waiting for a wake-up right now (inside Notifications.watch)."""
+    waiting = 0
+    watch = app.Notifications.watch
+
+    @contextlib.contextmanager
+    def counted(self: app.Notifications, job_id: uuid.UUID) -> Iterator[asyncio.Event]:
+        nonlocal waiting
+        with watch(self, job_id) as event:
+            waiting += 1
+            try:
+                yield event
+            finally:
+                waiting -= 1
+
+    monkeypatch.setattr(app.Notifications, "watch", counted)
+    return lambda: waiting
+
+
+async def start_waiting_poll(
+    client: httpx.AsyncClient, job_id: str, waiting_polls: Callable[[], int]
+) -> asyncio.Task[httpx.Response]:
+    """Start a long poll (?wait=60) on a job; return once it is waiting, and has not answered."""
+    poll = asyncio.create_task(client.get(f"/generations/{job_id}", params={"wait": 60}))
+
+    async def waiting() -> bool:
+        return waiting_polls() == 1
+
+    await eventually(waiting)
+    # A negative control: a poll that answered without waiting would have done so by now.
+    await asyncio.sleep(0.3)
+    assert not poll.done(), poll.result().json()
+    return poll
+
+
+async def test_a_shutdown_answers_long_polls_at_once(
+    settings: SettingsFactory, waiting_polls: Callable[[], int]
+) -> None:
+    """When a shutdown begins, a long poll that is waiting answers right away with the job as it is."""
     application = app.create_app(settings(worker_concurrency=0))
     async with LifespanManager(application) as manager:
         transport = httpx.ASGITransport(app=manager.app)
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
             job = await post_job(client)
-            poll = asyncio.create_task(client.get(f"/generations/{job['jobId']}?wait=60"))
-            await asyncio.sleep(0.2)  # let the poll start waiting (if it had not, it would still answer below)
+            poll = await start_waiting_poll(client, job["jobId"], waiting_polls)
             application.state.begin_shutdown()
-            response = await asyncio.wait_for(poll, 10)
+            response = await asyncio.wait_for(poll, 2)  # not after its 60 seconds
     assert response.status_code == 200
-    assert response.json()["status"] == "pending"
+    assert response.json() == job  # still pending
+
+
+async def test_a_long_poll_answers_when_the_end_of_its_job_is_announced(
+    settings: SettingsFactory, db: asyncpg.Connection, waiting_polls: Callable[[], int]
+) -> None:
+    """A long poll on a job that nothing runs waits; when another replica ends the job and announces
+    it on generations_done (as the service does, after the update), the poll answers at once with
+    the job's final state, long before its wait is over."""
+    async with running(settings(worker_concurrency=0)) as client:
+        await eventually(lambda: listening(client))  # a notification sent from now on is heard
+        job = await post_job(client)
+        poll = await start_waiting_poll(client, job["jobId"], waiting_polls)
+        await db.execute(
+            "UPDATE jobs SET status = 'completed', animal = 'cat', image_urls = '[\"https://x.example/1\"]',"
+            " completed_at = now(), updated_at = now() WHERE id = $1",
+            uuid.UUID(job["jobId"]),
+        )
+        await db.execute("SELECT pg_notify('generations_done', $1)", job["jobId"])
+        response = await asyncio.wait_for(poll, 2)  # not after its 60 seconds
+    assert response.status_code == 200
+    body = response.json()
+    assert (body["jobId"], body["status"], body["animal"], body["imageUrls"]) == (
+        job["jobId"], "completed", "cat", ["https://x.example/1"],
+    )  # fmt: skip

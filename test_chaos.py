@@ -61,14 +61,16 @@ class Replicas:
         self.cleanup = cleanup
         self.count = 0
 
+    def new(self, **env: Env) -> Service:
+        """A service with this environment, not started yet; killed when the block ends."""
+        self.count += 1
+        service = Service(self.database_url, self.log_dir / f"service-{self.count}.log", **env)
+        self.cleanup.push(service)  # its __exit__ kills the process if it still runs
+        return service
+
     async def start_many(self, count: int, **env: Env) -> list[Service]:
         """Start `count` services with this environment side by side; return once each answers /health."""
-        services: list[Service] = []
-        for _ in range(count):
-            self.count += 1
-            service = Service(self.database_url, self.log_dir / f"service-{self.count}.log", **env)
-            self.cleanup.push(service)  # its __exit__ kills the process if it still runs
-            services.append(service)
+        services = [self.new(**env) for _ in range(count)]
         await asyncio.gather(*(asyncio.to_thread(service.start) for service in services))
         return services
 
@@ -266,6 +268,33 @@ async def test_a_job_whose_process_was_killed_is_completed_once_by_another(
     assert row["updated_at"] == row["completed_at"]  # nothing wrote to it after it completed
     assert row["error"] is None and len(row["image_urls"]) == 1
     assert provider_calls(first, second) == Counter({(job_id, 1): 1, (job_id, 2): 1})
+
+
+@pytest.mark.chaos
+async def test_a_job_longer_than_its_lease_is_run_once(
+    replicas: Replicas, db: asyncpg.Connection, session: aiohttp.ClientSession
+) -> None:
+    """A job that runs three times its lease (JOB_LEASE_SECONDS=1, the provider takes 3 s), with two
+    replicas looking for due jobs every 0.2 s: the replica running it keeps extending its lease, so
+    it is completed once, as attempt 1, with exactly one provider call in both replicas' logs."""
+    services = await replicas.start_many(
+        2, JOB_LEASE_SECONDS=1, IMAGE_PROVIDER_DELAY=3, WORKER_POLL_INTERVAL=0.2, LOG_LEVEL="DEBUG"
+    )
+    [job_id] = await post_jobs(session, services[:1], 1)
+
+    async def ended() -> asyncpg.Record | None:
+        row = await job_row(db, job_id)
+        return row if row["status"] in app.TERMINAL_STATUSES else None
+
+    row = await eventually(ended, within=10)
+    assert (row["status"], row["attempts"]) == ("completed", 1)
+    report(
+        "job longer than its lease",
+        lease_s=1,
+        run_s=round((row["completed_at"] - row["created_at"]).total_seconds(), 2),
+    )
+    assert provider_calls(*services) == Counter({(job_id, 1): 1})
+    assert not any("claim lost" in service.log() or "result dropped" in service.log() for service in services)
 
 
 @pytest.mark.chaos
@@ -614,6 +643,110 @@ async def test_jobs_start_promptly_after_the_listen_connection_is_killed(
     report("LISTEN connection killed", **latencies)
     assert all(latency <= prompt for latency in latencies.values()), latencies
     assert "the notification connection was lost; reconnecting" in service.log()
+
+
+# --- Starting a replica --------------------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def open_write_transaction(database_url: str) -> AsyncIterator[None]:
+    """A transaction that has written to jobs and stays open for the block (its lock on the table
+    conflicts with any DDL on it); rolled back on the way out."""
+    async with connect(database_url) as other:
+        transaction = other.transaction()
+        await transaction.start()
+        await other.execute("INSERT INTO jobs (num_images, status) VALUES (1, 'cancelled')")
+        try:
+            yield
+        finally:
+            await transaction.rollback()
+
+
+@contextlib.asynccontextmanager
+async def posting_steadily(session: aiohttp.ClientSession, service: Service) -> AsyncIterator[list[Post]]:
+    """One client POSTs a job about every 20 ms for as long as the block runs; the list fills with every answer."""
+    stop = asyncio.Event()
+    posts: list[Post] = []
+    load = asyncio.create_task(post_until(stop, session, service, posts, limit=5000))
+    try:
+        yield posts
+    finally:
+        stop.set()
+        await load
+
+
+async def pickup_seconds(db: asyncpg.Connection) -> list[float]:
+    """For each completed job, how long from its creation to its completion (the provider takes no time)."""
+    rows = await db.fetch(
+        "SELECT extract(epoch FROM completed_at - created_at) AS s FROM jobs WHERE status = 'completed'"
+    )
+    return [float(row["s"]) for row in rows]
+
+
+@pytest.mark.chaos
+async def test_a_replica_starts_beside_an_open_write_transaction_without_waiting(
+    replicas: Replicas, db: asyncpg.Connection, db_url: str, session: aiohttp.ClientSession
+) -> None:
+    """With the schema current, a replica started while another transaction holds a write lock on
+    jobs takes no lock on the table: it becomes ready while that transaction is still open, and all
+    the while the running replica's POSTs answer promptly and its worker completes their jobs promptly."""
+    running = await replicas.start(IMAGE_PROVIDER_DELAY=0)
+    async with open_write_transaction(db_url), posting_steadily(session, running) as posts:
+        started = time.monotonic()
+        new = await replicas.start(IMAGE_PROVIDER_DELAY=0)
+        assert await is_ready(session, new)  # the transaction is still open
+        ready_s = time.monotonic() - started
+    await wait_until_none_unfinished(db, within=5)
+    pickups = await pickup_seconds(db)
+    report(
+        "replica start beside a write transaction",
+        ready_s=round(ready_s, 2),
+        posts=len(posts),
+        slowest_post_s=round(max(post.reply.seconds for post in posts if post.reply), 3),
+        slowest_pickup_s=round(max(pickups), 3),
+    )
+    assert "schema.sql" not in new.log()  # it neither applied the schema nor waited to
+    assert answers(posts) == {202: len(posts)}
+    assert max(post.reply.seconds for post in posts if post.reply) < 0.5
+    assert len(pickups) == len(posts) and max(pickups) < 0.5
+
+
+@pytest.mark.chaos
+async def test_a_replica_with_a_schema_to_apply_waits_without_holding_up_the_others(
+    replicas: Replicas, db: asyncpg.Connection, db_url: str, session: aiohttp.ClientSession
+) -> None:
+    """With the schema outdated, a replica started while another transaction holds a write lock on
+    jobs waits for it without queueing anyone behind its DDL: it says so in its log, the running
+    replica's POSTs answer promptly all along, and it becomes ready once the transaction ends."""
+    running = await replicas.start(IMAGE_PROVIDER_DELAY=0)
+    current = await db.fetchval(app.SELECT_SCHEMA_VERSION)
+    await db.execute("UPDATE schema_version SET version = 'old'")
+    new = replicas.new(IMAGE_PROVIDER_DELAY=0)
+    waiting = "schema.sql waits for other transactions on the jobs table; trying again"
+    async with open_write_transaction(db_url):
+        async with posting_steadily(session, running) as posts:
+            starting = asyncio.create_task(asyncio.to_thread(new.start))
+
+            async def waited_twice() -> bool:
+                return new.log_path.exists() and new.log().count(waiting) >= 2
+
+            await eventually(waited_twice, within=15)
+        assert not starting.done()  # not ready while the transaction is open
+        waits_logged = new.log().count(waiting)
+    ended = time.monotonic()
+    await asyncio.wait_for(starting, 10)
+    ready_after_s = time.monotonic() - ended
+    assert await is_ready(session, new)
+    assert await db.fetchval(app.SELECT_SCHEMA_VERSION) == current
+    report(
+        "replica applying the schema beside a write transaction",
+        waits_logged=waits_logged,
+        ready_after_transaction_s=round(ready_after_s, 2),
+        posts=len(posts),
+        slowest_post_s=round(max(post.reply.seconds for post in posts if post.reply), 3),
+    )
+    assert answers(posts) == {202: len(posts)}
+    assert max(post.reply.seconds for post in posts if post.reply) < 0.5
 
 
 # --- The provider fails ----------------------------------------------------------------------
