@@ -115,7 +115,7 @@ def check(response: httpx.Response) -> None:
     assert media_type in spec["content"], f"{what} is {media_type!r}, not one of {list(spec['content'])}"
     if request.method == "HEAD":
         return
-    body = response.json()
+    body = response.json() if media_type.endswith("json") else response.text  # /metrics is text/plain
     validator(f"{pointer}/content/{escape(media_type)}/schema").validate(body)
     if media_type == "application/problem+json":
         assert body["status"] == response.status_code, f"{what} says status {body['status']} in its body"
