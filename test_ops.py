@@ -1,16 +1,74 @@
-"""Operating the service, as SPEC's "Operating it" and "Scaling out" describe it: /metrics."""
+"""Operating the service, as SPEC's "Operating it" and "Scaling out" describe it: /metrics, JSON
+and text logs, startup against a bad or absent database, a database outage as the log and /ready
+tell it, the public OpenAPI document, and the schema upgrade from 1.0 (which had per-row triggers).
 
+Tests of the log and of startup run app.py as users do (`python app.py`, scripts/service.py);
+the others run the app in-process (conftest.running). A real process is started once per
+scenario and its log shared by the tests that read it.
+"""
+
+import asyncio
+import contextlib
+import json
+import re
+import time
 import uuid
+from collections.abc import Callable, Iterator
+from datetime import datetime, timedelta
+from typing import Any, NamedTuple, TypeVar
 
 import asyncpg
 import httpx
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
 import app
-from conftest import eventually
+from conftest import database_url, eventually
+from scripts.service import Service
 from test_api import TOKEN, serving
 from test_app import SettingsFactory, assert_problem, post_job, wait_for_status
+
+T = TypeVar("T")
+
+# A job's log lines begin "job <id> attempt <n>".
+ABOUT_A_JOB = re.compile(r"job ([0-9a-f-]{36}) attempt (\d+)\b")
+# A line of the default (text) log format: time, level, logger: message.
+STAMP = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}"
+TEXT_LINE = re.compile(rf"{STAMP} (DEBUG|INFO|WARNING|ERROR|CRITICAL) [\w.]+: .*")
+LEVELS = {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}
+
+
+def until(check: Callable[[], T], within: float, pause: float = 0.05) -> T:
+    """Call `check` until it returns something truthy; fail after `within` seconds. (conftest's
+    `eventually`, for code outside an event loop.)"""
+    deadline = time.monotonic() + within
+    while not (result := check()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {within}s (last result: {result!r})")
+        time.sleep(pause)
+    return result
+
+
+async def admin(server_url: str, statement: str) -> None:
+    """Run one statement on the server's maintenance database."""
+    connection = await asyncpg.connect(server_url)
+    try:
+        await connection.execute(statement)
+    finally:
+        await connection.close()
+
+
+@contextlib.contextmanager
+def empty_database(server_url: str) -> Iterator[str]:
+    """A database with no schema yet (the service applies it at startup); dropped afterwards."""
+    name = f"ops_{uuid.uuid4().hex}"
+    asyncio.run(admin(server_url, f"CREATE DATABASE {name}"))
+    try:
+        yield database_url(server_url, name)
+    finally:
+        asyncio.run(admin(server_url, f"DROP DATABASE {name} WITH (FORCE)"))
+
 
 # --- /metrics --------------------------------------------------------------------------------
 
@@ -161,3 +219,87 @@ async def test_metrics_need_the_token_when_api_token_is_set(settings: SettingsFa
     assert_problem(refused, 401)
     assert refused.headers["www-authenticate"] == "Bearer"
     assert set(SPEC_FAMILIES) <= set(metrics.families)
+
+
+# --- Logs ------------------------------------------------------------------------------------
+
+
+def json_entry(line: str) -> dict[str, Any] | None:
+    """The JSON object a log line holds, or None if it holds something else."""
+    with contextlib.suppress(ValueError):
+        entry = json.loads(line)
+        return entry if isinstance(entry, dict) else None
+    return None
+
+
+class JsonRun(NamedTuple):
+    """Every line one `python app.py` with LOG_FORMAT=json wrote, and the jobs it ran."""
+
+    lines: list[str]
+    completed_id: str
+    cancelled_id: str
+
+    def entries(self, logger: str | None = None) -> list[dict[str, Any]]:
+        """The lines as JSON objects (of one logger, if given)."""
+        entries = [json_entry(line) or {} for line in self.lines]
+        return [entry for entry in entries if logger in (None, entry.get("logger"))]
+
+
+@pytest.fixture(scope="module")
+def json_run(server_url: str, tmp_path_factory: pytest.TempPathFactory) -> JsonRun:
+    """One process with LOG_FORMAT=json and LOG_LEVEL=DEBUG (so the access log is on), on an empty
+    database, from start to SIGTERM: a job completed (POSTed with X-Request-ID: abc), a job cancelled
+    while it ran (so its result is dropped), a 404 for an unknown path."""
+    log_path = tmp_path_factory.mktemp("json-log") / "service.log"
+    with empty_database(server_url) as url:
+        service = Service(url, log_path, LOG_FORMAT="json", LOG_LEVEL="DEBUG", IMAGE_PROVIDER_DELAY=0.5)
+        with service, httpx.Client(base_url=service.url, timeout=15) as http:
+            completed = http.post("/generations", json={"numImages": 2}, headers={"X-Request-ID": "abc"}).json()
+            assert http.get(f"/generations/{completed['jobId']}", params={"wait": 10}).json()["status"] == "completed"
+            cancelled = http.post("/generations", json={"numImages": 1}).json()
+            path = f"/generations/{cancelled['jobId']}"
+            until(lambda: http.get(path).json()["status"] == "processing", within=10)
+            assert http.post(f"{path}/cancel").status_code == 200
+            until(lambda: "result dropped" in service.log(), within=10)
+            assert http.get("/nope").status_code == 404
+            service.stop(within=15)
+    return JsonRun(service.log().splitlines(), completed["jobId"], cancelled["jobId"])
+
+
+def test_with_log_format_json_every_line_is_one_json_object(json_run: JsonRun) -> None:
+    """LOG_FORMAT=json: every line the process wrote, uvicorn's from start to shutdown included, is one
+    JSON object with an RFC 3339 UTC time, a level, a logger and a message."""
+    assert [line for line in json_run.lines if json_entry(line) is None] == []
+    for entry in json_run.entries():
+        assert {"time", "level", "logger", "message"} <= entry.keys(), entry
+        assert datetime.fromisoformat(entry["time"]).utcoffset() == timedelta(0), entry
+        assert entry["level"] in LEVELS, entry
+    uvicorn = [entry["message"] for entry in json_run.entries("uvicorn.error")]
+    for said in ("Started server process", "Application startup complete", "Shutting down", "Finished server process"):
+        assert any(message.startswith(said) for message in uvicorn), said
+    assert len(json_run.entries("uvicorn.access")) >= 6  # POST, GET, POST, GET, cancel, 404 (and /health)
+    assert "generations stopped" in [entry["message"] for entry in json_run.entries("generations")]
+
+
+def test_json_lines_logged_for_a_request_carry_its_request_id(json_run: JsonRun) -> None:
+    """Each request's lines carry its request_id: the client's X-Request-ID, else a new one per request."""
+    access = json_run.entries("uvicorn.access")
+    posts = [entry for entry in access if '"POST /generations HTTP/1.1" 202' in entry["message"]]
+    [missing] = [entry for entry in access if '"GET /nope HTTP/1.1" 404' in entry["message"]]
+    assert posts[0]["request_id"] == "abc"
+    assert re.fullmatch(r"[0-9a-f]{32}", posts[1]["request_id"])
+    assert re.fullmatch(r"[0-9a-f]{32}", missing["request_id"])
+    assert len({entry["request_id"] for entry in access}) == len(access)  # one per request
+
+
+def test_json_lines_about_a_job_carry_its_job_id_and_attempt(json_run: JsonRun) -> None:
+    """Every line about a job ("job <id> attempt <n> ...": generating, or its result dropped because it was
+    cancelled) carries that job_id and attempt, and no request's id."""
+    about = [
+        (entry, match) for entry in json_run.entries("generations") if (match := ABOUT_A_JOB.match(entry["message"]))
+    ]
+    assert {match[1] for _, match in about} == {json_run.completed_id, json_run.cancelled_id}
+    assert any("result dropped" in entry["message"] for entry, _ in about)
+    for entry, match in about:
+        assert (entry.get("job_id"), entry.get("attempt")) == (match[1], int(match[2])), entry
+        assert "request_id" not in entry, entry
