@@ -11,6 +11,8 @@ import asyncio
 import contextlib
 import json
 import re
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -25,7 +27,7 @@ from prometheus_client.samples import Sample
 
 import app
 from conftest import database_url, eventually
-from scripts.service import Service
+from scripts.service import ROOT, Service, free_port
 from test_api import TOKEN, serving
 from test_app import SettingsFactory, assert_problem, post_job, wait_for_status
 
@@ -303,3 +305,53 @@ def test_json_lines_about_a_job_carry_its_job_id_and_attempt(json_run: JsonRun) 
     for entry, match in about:
         assert (entry.get("job_id"), entry.get("attempt")) == (match[1], int(match[2])), entry
         assert "request_id" not in entry, entry
+
+
+# --- Startup ---------------------------------------------------------------------------------
+
+
+def run_app(**env: str) -> tuple[subprocess.CompletedProcess[str], float]:
+    """Run `python app.py` with only these variables (and an empty PATH) until it exits; how long it took."""
+    started = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "app.py"], cwd=ROOT, env={"PATH": "", **env}, capture_output=True, text=True, timeout=60
+    )
+    return done, time.monotonic() - started
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("DATABASE_URL", "nonsense"), ("DATABASE_URL", "mysql://u:p@127.0.0.1/x"), ("LISTEN_DATABASE_URL", "nonsense")],
+)
+def test_a_database_url_that_is_not_postgresql_stops_startup_at_once(name: str, value: str) -> None:
+    """A URL that is not a PostgreSQL URL is a configuration error: exit status 1 within 2 s, with one line
+    naming the variable, before any try to connect."""
+    done, seconds = run_app(**{"DATABASE_URL": "postgresql://u@127.0.0.1:1/x", name: value})
+    assert done.returncode == 1
+    assert seconds < 2
+    assert done.stdout == ""
+    [line] = done.stderr.splitlines()
+    assert line.startswith(f"generations: configuration error: {name} must be a PostgreSQL URL")
+
+
+def test_an_unreachable_database_is_tried_then_given_up() -> None:
+    """With nothing listening at the database's address and DATABASE_WAIT_SECONDS=2: one warning per try
+    naming host:port, then one error line and exit status 1, within 2 s and a few more; no traceback, and
+    never the password."""
+    port, wait = free_port(), 2
+    done, seconds = run_app(DATABASE_URL=f"postgresql://u:secretpw@127.0.0.1:{port}/x", DATABASE_WAIT_SECONDS=str(wait))
+    output = done.stdout + done.stderr
+    assert done.returncode == 1
+    assert seconds < wait + 3
+    assert "Traceback" not in output
+    assert "secretpw" not in output
+    *tries, last = output.splitlines()
+    assert wait <= len(tries) <= wait + 1, output  # a try a second
+    for line in tries:
+        assert re.fullmatch(
+            rf"{STAMP} WARNING generations: waiting for the database at 127\.0\.0\.1:{port}: connection refused", line
+        )
+    assert re.fullmatch(
+        rf"{STAMP} ERROR generations: cannot use the database at 127\.0\.0\.1:{port} \(connection refused\); exiting",
+        last,
+    )
