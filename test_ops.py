@@ -18,6 +18,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta
 from typing import Any, NamedTuple, TypeVar
+from urllib.parse import parse_qs, urlsplit
 
 import asyncpg
 import httpx
@@ -27,6 +28,7 @@ from prometheus_client.samples import Sample
 
 import app
 from conftest import database_url, eventually
+from scripts.pg import EmbeddedPostgres
 from scripts.service import ROOT, Service, free_port
 from test_api import TOKEN, serving
 from test_app import SettingsFactory, assert_problem, post_job, wait_for_status
@@ -355,3 +357,90 @@ def test_an_unreachable_database_is_tried_then_given_up() -> None:
         rf"{STAMP} ERROR generations: cannot use the database at 127\.0\.0\.1:{port} \(connection refused\); exiting",
         last,
     )
+
+
+# --- A database outage -----------------------------------------------------------------------
+
+
+class OutageRun(NamedTuple):
+    """What one `python app.py` (default LOG_FORMAT) wrote while its database was stopped for 3 s under
+    light load and started again, and how /ready answered while it was down."""
+
+    log: str
+    address: str  # the database's address as the URL gives it: its socket folder and port
+    ready: list[httpx.Response]
+
+
+@pytest.fixture(scope="module")
+def outage(tmp_path_factory: pytest.TempPathFactory) -> OutageRun:
+    """A service on a PostgreSQL server of its own, which is stopped for 3 s while a client asks for a job
+    and /ready four times a second, then started again; the service is stopped once it says the
+    database is back and answers again."""
+    folder = tmp_path_factory.mktemp("outage")
+    server = EmbeddedPostgres(folder / "pg", delete_on_exit=True)
+    try:
+        asyncio.run(admin(server.url, "CREATE DATABASE outage"))
+        url = server.url_for("outage")
+        service = Service(url, folder / "service.log", IMAGE_PROVIDER_DELAY=0)
+        with service, httpx.Client(base_url=service.url, timeout=15) as http:
+            job = http.post("/generations", json={"numImages": 1}).json()
+            path = f"/generations/{job['jobId']}"
+            assert http.get(path, params={"wait": 10}).json()["status"] == "completed"
+
+            def light_load() -> httpx.Response:
+                """A quarter of a second's load: the job, and /ready (which is returned)."""
+                time.sleep(0.25)
+                http.get(path)
+                return http.get("/ready")
+
+            server.stop()
+            back_at = time.monotonic() + 3
+            ready: list[httpx.Response] = []
+            while time.monotonic() < back_at:
+                ready.append(light_load())
+            server.start()
+            until(lambda: light_load().status_code == 200, within=30, pause=0)
+            until(lambda: "the database is back" in service.log(), within=10)
+            assert [http.get(path).status_code for _ in range(5)] == [200] * 5
+            service.stop(within=15)
+    finally:
+        server.close()
+    return OutageRun(service.log(), f"{parse_qs(urlsplit(url).query)['host'][0]}:5432", ready)
+
+
+def test_an_outage_is_one_warning_when_it_begins_and_one_line_when_it_ends(outage: OutageRun) -> None:
+    """However many requests and background steps fail while the database is down, the log says so once,
+    as a warning, and once, after it is back, how long it was gone; no traceback, no error, and none of
+    asyncpg's own pool warnings."""
+    lines = outage.log.splitlines()
+    unavailable = [line for line in lines if "the database is unavailable (" in line]
+    back = [line for line in lines if "the database is back after " in line]
+    assert len(unavailable) == 1, unavailable
+    assert len(back) == 1, back
+    assert " WARNING generations: " in unavailable[0]
+    assert " INFO generations: " in back[0]
+    assert lines.index(unavailable[0]) < lines.index(back[0])
+    assert float(re.search(r"back after ([\d.]+)s", back[0])[1]) >= 2.5  # it was down for 3 s
+    assert "Traceback" not in outage.log
+    assert "Failed to restore the pool connection floor" not in outage.log
+    assert [line for line in lines if " ERROR " in line] == []
+
+
+def test_ready_says_which_database_is_down_and_when_to_ask_again(outage: OutageRun) -> None:
+    """While the database is down, /ready is a 503 problem with Retry-After, whose detail names the database's
+    address (never more of its URL) and why: "(connection refused)" once the server is gone."""
+    assert len(outage.ready) >= 4
+    for response in outage.ready:
+        assert_problem(response, 503)
+        assert int(response.headers["retry-after"]) > 0
+        detail = response.json()["detail"]
+        assert re.fullmatch(rf"Not ready: the database at {re.escape(outage.address)} is unavailable \(.+\)\.", detail)
+    refused = f"Not ready: the database at {outage.address} is unavailable (connection refused)."
+    assert outage.ready[-1].json()["detail"] == refused
+
+
+def test_by_default_every_log_line_is_text(outage: OutageRun) -> None:
+    """With LOG_FORMAT unset, every line, uvicorn's included, is text: time, level, logger: message."""
+    lines = outage.log.splitlines()
+    assert [line for line in lines if not TEXT_LINE.fullmatch(line)] == []
+    assert any(" INFO uvicorn.error: Started server process" in line for line in lines)
