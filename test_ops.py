@@ -444,3 +444,16 @@ def test_by_default_every_log_line_is_text(outage: OutageRun) -> None:
     lines = outage.log.splitlines()
     assert [line for line in lines if not TEXT_LINE.fullmatch(line)] == []
     assert any(" INFO uvicorn.error: Started server process" in line for line in lines)
+
+
+# --- The OpenAPI document --------------------------------------------------------------------
+
+
+async def test_the_document_the_root_points_to_needs_no_token(settings: SettingsFactory) -> None:
+    """With API_TOKEN set, / and the document its `docs` names, /openapi.json, both answer without a token."""
+    async with serving(settings(worker_concurrency=0, api_token=TOKEN)) as client:
+        root = await client.get("/")
+        document = await client.get(root.json()["docs"])
+    assert root.json()["docs"] == "/openapi.json"
+    assert document.status_code == 200
+    assert document.json()["openapi"].startswith("3.1.")
