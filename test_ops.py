@@ -457,3 +457,71 @@ async def test_the_document_the_root_points_to_needs_no_token(settings: Settings
     assert root.json()["docs"] == "/openapi.json"
     assert document.status_code == 200
     assert document.json()["openapi"].startswith("3.1.")
+
+
+# --- The schema ------------------------------------------------------------------------------
+
+TRIGGERS_ON_JOBS = "SELECT tgname FROM pg_trigger WHERE tgrelid = 'jobs'::regclass AND NOT tgisinternal"
+INDEXES_ON_JOBS = "SELECT indexname FROM pg_indexes WHERE tablename = 'jobs'"
+OLD_FUNCTIONS = "SELECT proname FROM pg_proc WHERE proname LIKE 'notify_generations%'"
+
+# What 1.0's schema.sql left in a database: no batch_index, one job per Idempotency-Key, and per-row
+# triggers whose NOTIFY made inserts commit one at a time.
+SCHEMA_1_0 = """
+DROP INDEX jobs_idempotency_key_position;
+ALTER TABLE jobs DROP COLUMN batch_index;
+CREATE UNIQUE INDEX jobs_idempotency_key ON jobs (idempotency_key) WHERE idempotency_key IS NOT NULL;
+
+CREATE FUNCTION notify_generations_new() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_notify('generations_new', '');
+    RETURN NULL;
+END
+$$;
+CREATE TRIGGER jobs_notify_new AFTER INSERT OR UPDATE OF status ON jobs
+    FOR EACH ROW WHEN (NEW.status = 'pending' AND NEW.available_at <= now())
+    EXECUTE FUNCTION notify_generations_new();
+
+CREATE FUNCTION notify_generations_done() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_notify('generations_done', NEW.id::text);
+    RETURN NULL;
+END
+$$;
+CREATE TRIGGER jobs_notify_done AFTER UPDATE OF status ON jobs
+    FOR EACH ROW WHEN (NEW.status IN ('completed', 'failed', 'cancelled') AND OLD.status IS DISTINCT FROM NEW.status)
+    EXECUTE FUNCTION notify_generations_done();
+
+INSERT INTO jobs (num_images, idempotency_key) VALUES (2, 'made-by-1.0');
+"""
+
+
+async def test_the_jobs_table_has_no_trigger(db: asyncpg.Connection) -> None:
+    """The schema the app applies puts no trigger on jobs: the service announces new jobs itself, at
+    most one NOTIFY per transaction, rather than one per inserted row."""
+    assert await db.fetch(TRIGGERS_ON_JOBS) == []
+    assert await db.fetch(OLD_FUNCTIONS) == []
+
+
+@pytest.mark.parametrize("version", ["DROP TABLE schema_version", "UPDATE schema_version SET version = 'an older one'"])
+async def test_a_database_of_the_previous_version_is_upgraded_on_start(
+    settings: SettingsFactory, db: asyncpg.Connection, version: str
+) -> None:
+    """A database that 1.0 made (no schema_version, or another version in it) is brought up to date when
+    the service starts: its triggers, their functions and its one-job-per-key index are gone, a batch
+    with a key works, and a key 1.0 took still finds its job."""
+    await db.execute(SCHEMA_1_0)
+    await db.execute(version)
+    old_job = await db.fetchval("SELECT id FROM jobs WHERE idempotency_key = 'made-by-1.0'")
+    async with serving(settings(worker_concurrency=0)) as client:
+        key = {"Idempotency-Key": "batch"}
+        first = await client.post("/generations/batch", json={"jobs": [{"numImages": 1}] * 3}, headers=key)
+        again = await client.post("/generations/batch", json={"jobs": [{"numImages": 1}] * 3}, headers=key)
+        replay = await client.post("/generations", json={"numImages": 2}, headers={"Idempotency-Key": "made-by-1.0"})
+    assert await db.fetch(TRIGGERS_ON_JOBS) == []
+    assert await db.fetch(OLD_FUNCTIONS) == []
+    indexes = {row["indexname"] for row in await db.fetch(INDEXES_ON_JOBS)}
+    assert "jobs_idempotency_key" not in indexes
+    assert (first.status_code, again.status_code) == (202, 200)
+    assert again.json() == first.json()
+    assert (replay.status_code, replay.json()["jobId"]) == (200, str(old_job))
