@@ -471,6 +471,16 @@ async def test_racing_batches_with_one_key_make_one_set_of_jobs(
     assert [(str(row["id"]), row["num_images"]) for row in rows] == list(zip(job_ids(responses[0]), sizes, strict=True))
 
 
+async def test_batches_are_only_posted(settings: SettingsFactory) -> None:
+    """/generations/batch takes POST alone: any other method, GET included (it names no job), is a 405
+    whose Allow says POST, as openapi.json documents it."""
+    async with serving(settings(worker_concurrency=0)) as client:
+        for method in ("GET", "HEAD", "PUT", "DELETE"):
+            response = await client.request(method, "/generations/batch")
+            assert response.status_code == 405, f"{method}: {response.text}"
+            assert response.headers["allow"] == "POST", method
+
+
 async def test_workers_complete_batch_jobs_like_any_other(settings: SettingsFactory, db: asyncpg.Connection) -> None:
     """Every job of a batch is completed once, with as many images as it asked for."""
     async with serving(settings()) as client:
