@@ -2,8 +2,8 @@
 
 Every response a test here receives goes through `check`: its status, headers, media type
 and body must be what openapi.json says for that request. The features: Idempotency-Key,
-long polls (?wait=), cancel, bearer auth, CORS, the debugger switch, and fuzzing of every
-endpoint.
+batches, long polls (?wait=), cancel, bearer auth, CORS, the debugger switch, and fuzzing of
+every endpoint.
 """
 
 import asyncio
@@ -115,7 +115,7 @@ def check(response: httpx.Response) -> None:
     assert media_type in spec["content"], f"{what} is {media_type!r}, not one of {list(spec['content'])}"
     if request.method == "HEAD":
         return
-    body = response.json()
+    body = response.json() if media_type.endswith("json") else response.text  # /metrics is text/plain
     validator(f"{pointer}/content/{escape(media_type)}/schema").validate(body)
     if media_type == "application/problem+json":
         assert body["status"] == response.status_code, f"{what} says status {body['status']} in its body"
@@ -329,6 +329,170 @@ async def test_concurrent_posts_with_one_key_make_one_job(settings: SettingsFact
     assert sorted(response.status_code for response in responses) == [200] * 11 + [202]
     assert len({response.json()["jobId"] for response in responses}) == 1
     assert await db.fetchval("SELECT count(*) FROM jobs") == 1
+
+
+# --- Batches ---------------------------------------------------------------------------------
+
+
+def batch(*sizes: int) -> dict[str, list[dict[str, int]]]:
+    """A batch body asking for one job of each size, in this order."""
+    return {"jobs": [{"numImages": size} for size in sizes]}
+
+
+def job_ids(response: httpx.Response) -> list[str]:
+    """The job ids of a batch answer, in its order."""
+    return [job["jobId"] for job in response.json()["jobs"]]
+
+
+async def test_a_batch_queues_its_jobs_in_request_order(settings: SettingsFactory, db: asyncpg.Connection) -> None:
+    """A batch of three: 202 and {"jobs": [...]}, pending, in the order asked for, each one readable by its id."""
+    async with serving(settings(worker_concurrency=0)) as client:
+        response = await client.post("/generations/batch", json=batch(3, 1, 2))
+        assert response.status_code == 202, response.text
+        jobs = response.json()["jobs"]
+        for job in jobs:
+            assert (await client.get(f"/generations/{job['jobId']}")).json() == job
+    assert [(job["numImages"], job["status"], job["attempts"]) for job in jobs] == [
+        (3, "pending", 0),
+        (1, "pending", 0),
+        (2, "pending", 0),
+    ]
+    assert len(set(job_ids(response))) == 3
+    assert await db.fetchval("SELECT count(*) FROM jobs") == 3
+
+
+async def test_a_batch_of_1000_jobs_is_one_request(settings: SettingsFactory, db: asyncpg.Connection) -> None:
+    """The largest batch, 1,000 jobs, is taken whole, in order."""
+    sizes = [i % 10 + 1 for i in range(1000)]
+    async with serving(settings(worker_concurrency=0)) as client:
+        response = await client.post("/generations/batch", json=batch(*sizes))
+    assert response.status_code == 202, response.text
+    assert [job["numImages"] for job in response.json()["jobs"]] == sizes
+    assert await db.fetchval("SELECT count(*) FROM jobs") == 1000
+
+
+async def test_a_batch_holds_1_to_1000_jobs(settings: SettingsFactory, db: asyncpg.Connection) -> None:
+    """An empty batch, or one over 1,000 jobs, is a 400 that says how many it may hold, and makes no job."""
+    async with serving(settings(worker_concurrency=0)) as client:
+        for count in (0, 1001):
+            response = await client.post("/generations/batch", json=batch(*[1] * count))
+            assert_problem(response, 400, f"jobs must hold between 1 and 1000 jobs, not {count}.")
+    assert await db.fetchval("SELECT count(*) FROM jobs") == 0
+
+
+NOT_A_BATCH = [
+    *(b"[]", b'[{"numImages": 1}]', b'"jobs"', b"null"),  # not an object
+    *(b"{}", b'{"job": []}'),  # no jobs
+    *(b'{"jobs": {"numImages": 1}}', b'{"jobs": null}', b'{"jobs": "[]"}'),  # not a list
+]
+
+
+async def test_a_batch_body_is_an_object_with_a_list_of_jobs(settings: SettingsFactory, db: asyncpg.Connection) -> None:
+    """A body that is not an object, has no `jobs`, or whose `jobs` is not a list, is a 422 that makes no job."""
+    detail = 'The body must be a JSON object with a list of jobs, such as {"jobs": [{"numImages": 3}]}.'
+    async with serving(settings(worker_concurrency=0)) as client:
+        for body in NOT_A_BATCH:
+            assert_problem(await client.post("/generations/batch", content=body, headers=JSON), 422, detail)
+    assert await db.fetchval("SELECT count(*) FROM jobs") == 0
+
+
+ONE = {"numImages": 1}
+INVALID_BATCHES = [
+    ([ONE, ONE, ONE, {"numImages": 11}, ONE], 400, "jobs[3].numImages must be between 1 and 10"),
+    ([ONE, {"numImages": 0}], 400, "jobs[1].numImages must be between 1 and 10"),
+    ([ONE, {"numImages": "2"}, ONE], 422, "jobs[1].numImages must be an integer between 1 and 10."),
+    ([ONE, {"numImages": True}], 422, "jobs[1].numImages must be an integer between 1 and 10."),
+    ([ONE, ONE, 5, ONE], 422, 'jobs[2] must be a JSON object, such as {"numImages": 3}.'),
+    ([ONE, {}], 422, "jobs[1].numImages is required: an integer between 1 and 10."),
+]
+
+
+async def test_an_invalid_job_in_a_batch_is_named_and_nothing_is_queued(
+    settings: SettingsFactory, db: asyncpg.Connection
+) -> None:
+    """One invalid job refuses the whole batch: the detail names it by its position, and no job is made,
+    not even those before it."""
+    async with serving(settings(worker_concurrency=0)) as client:
+        for jobs, status, detail in INVALID_BATCHES:
+            assert_problem(await client.post("/generations/batch", json={"jobs": jobs}), status, detail)
+    assert await db.fetchval("SELECT count(*) FROM jobs") == 0
+
+
+async def test_a_repeated_batch_key_gets_the_same_jobs_back(settings: SettingsFactory, db: asyncpg.Connection) -> None:
+    """The same batch with the same Idempotency-Key: 200 and the same jobs, in the same order; nothing new."""
+    key = {"Idempotency-Key": "batch-1"}
+    async with serving(settings(worker_concurrency=0)) as client:
+        first = await client.post("/generations/batch", json=batch(3, 1, 2), headers=key)
+        again = await client.post("/generations/batch", json=batch(3, 1, 2), headers=key)
+    assert (first.status_code, again.status_code) == (202, 200)
+    assert again.json() == first.json()
+    assert await db.fetchval("SELECT count(*) FROM jobs") == 3
+
+
+async def test_a_batch_key_reused_with_other_jobs_is_a_conflict(
+    settings: SettingsFactory, db: asyncpg.Connection
+) -> None:
+    """The same key with fewer, more, reordered or different jobs is a 409 that makes no job."""
+    key = {"Idempotency-Key": "batch-1"}
+    async with serving(settings(worker_concurrency=0)) as client:
+        assert (await client.post("/generations/batch", json=batch(3, 1, 2), headers=key)).status_code == 202
+        for sizes in [(3, 1), (3, 1, 2, 1), (1, 3, 2), (3, 1, 3)]:
+            response = await client.post("/generations/batch", json=batch(*sizes), headers=key)
+            assert_problem(response, 409, "This Idempotency-Key was used with a different body; use a new key.")
+    assert await db.fetchval("SELECT count(*) FROM jobs") == 3
+
+
+async def test_a_key_is_either_a_single_job_or_a_batch(settings: SettingsFactory, db: asyncpg.Connection) -> None:
+    """A key used by POST /generations is a 409 for a batch, even of that one job, and the other way round."""
+    async with serving(settings(worker_concurrency=0)) as client:
+        await post_job(client, 2, **{"Idempotency-Key": "single"})
+        as_batch = await client.post("/generations/batch", json=batch(2), headers={"Idempotency-Key": "single"})
+        first = await client.post("/generations/batch", json=batch(2), headers={"Idempotency-Key": "batch"})
+        assert first.status_code == 202
+        as_single = await client.post("/generations", json={"numImages": 2}, headers={"Idempotency-Key": "batch"})
+    assert_problem(as_batch, 409)
+    assert_problem(as_single, 409)
+    assert await db.fetchval("SELECT count(*) FROM jobs") == 2
+
+
+async def test_racing_batches_with_one_key_make_one_set_of_jobs(
+    settings: SettingsFactory, db: asyncpg.Connection
+) -> None:
+    """Identical keyed batches sent at once: one 202, the others 200, all with the same ids in the same order,
+    and the database holds exactly one set of jobs."""
+    sizes = [i % 10 + 1 for i in range(50)]
+    async with serving(settings(worker_concurrency=0)) as client:
+        responses = await asyncio.gather(
+            *(client.post("/generations/batch", json=batch(*sizes), headers={"Idempotency-Key": "k"}) for _ in range(4))
+        )
+    assert sorted(response.status_code for response in responses) == [200, 200, 200, 202]
+    assert all(job_ids(response) == job_ids(responses[0]) for response in responses)
+    rows = await db.fetch("SELECT id, num_images FROM jobs ORDER BY batch_index")
+    assert [(str(row["id"]), row["num_images"]) for row in rows] == list(zip(job_ids(responses[0]), sizes, strict=True))
+
+
+async def test_batches_are_only_posted(settings: SettingsFactory) -> None:
+    """/generations/batch takes POST alone: any other method, GET included (it names no job), is a 405
+    whose Allow says POST, as openapi.json documents it."""
+    async with serving(settings(worker_concurrency=0)) as client:
+        for method in ("GET", "HEAD", "PUT", "DELETE"):
+            response = await client.request(method, "/generations/batch")
+            assert response.status_code == 405, f"{method}: {response.text}"
+            assert response.headers["allow"] == "POST", method
+
+
+async def test_workers_complete_batch_jobs_like_any_other(settings: SettingsFactory, db: asyncpg.Connection) -> None:
+    """Every job of a batch is completed once, with as many images as it asked for."""
+    async with serving(settings()) as client:
+        response = await client.post("/generations/batch", json=batch(3, 1, 2))
+        for job_id in job_ids(response):
+            await wait_for_status(db, job_id, "completed")
+    rows = [await job_row(db, job_id) for job_id in job_ids(response)]
+    assert [(row["status"], row["attempts"], len(row["image_urls"])) for row in rows] == [
+        ("completed", 1, 3),
+        ("completed", 1, 1),
+        ("completed", 1, 2),
+    ]
 
 
 # --- Long polls ------------------------------------------------------------------------------
