@@ -223,9 +223,9 @@ SELECT_SCHEMA_VERSION = "SELECT version FROM schema_version"
 # Replicas that find the schema outdated apply it one at a time.
 LOCK_SCHEMA = "SELECT pg_advisory_xact_lock(hashtext('generations schema'))"
 
-# DDL waits for a lock on jobs behind any open transaction, and every request would queue
-# behind the DDL: give up after a second instead, and try again.
-LIMIT_LOCK_WAIT = "SET LOCAL lock_timeout = '1s'"
+# DDL waits for a lock on jobs behind any open transaction, and every request on jobs queues
+# behind the waiting DDL: give up within 50 ms instead, and try again a second later.
+LIMIT_LOCK_WAIT = "SET LOCAL lock_timeout = '50ms'"
 
 # Record the schema.sql just applied.
 SET_SCHEMA_VERSION = "WITH old AS (DELETE FROM schema_version) INSERT INTO schema_version (version) VALUES ($1)"
@@ -419,6 +419,24 @@ class Outage:
         if self.since is not None:
             logger.info("the database is back after %.1fs", time.monotonic() - self.since)
             self.since = None
+
+
+async def wait_up_to(seconds: float, event: asyncio.Event) -> None:
+    """Wait until the event is set or the time is up. Not asyncio.wait_for: on Python 3.11 it can
+    swallow a cancellation that arrives as the event is set, and a task would not stop."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(seconds):
+            await event.wait()
+
+
+@contextlib.contextmanager
+def about(claim: "Claim") -> Iterator[None]:
+    """Log lines within are about this job and attempt (LOG_FORMAT=json shows them)."""
+    token = log_context.set({"job_id": str(claim.job_id), "attempt": claim.attempt})
+    try:
+        yield
+    finally:
+        log_context.reset(token)
 
 
 async def keep_running(what: str, step: Callable[[], Awaitable[None]], outage: Outage) -> None:
@@ -734,15 +752,13 @@ class Notifications:
             while not lost.is_set():
                 pong.clear()
                 await self.pool.execute(NOTIFY, ["generations_ping"], [self.nonce])
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(pong.wait(), QUERY_TIMEOUT_SECONDS)
+                await wait_up_to(QUERY_TIMEOUT_SECONDS, pong)
                 self._note_arriving(pong.is_set())
                 if not pong.is_set():  # try a new connection later; poll meanwhile
                     await asyncio.sleep(LISTEN_RETRY_SECONDS)
                     return
                 self.outage.over()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(lost.wait(), LISTEN_CHECK_SECONDS)
+                await wait_up_to(LISTEN_CHECK_SECONDS, lost)
             logger.warning("the notification connection was lost; reconnecting")
         finally:
             self.metrics.listen_connected.set(0)
@@ -872,8 +888,7 @@ class Worker:
                 self.outage.over()
                 if claimed == free:  # more may be waiting
                     continue
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.wakeup.wait(), self.settings.worker_poll_interval)
+            await wait_up_to(self.settings.worker_poll_interval, self.wakeup)
 
     async def claim(self, limit: int) -> int:
         """Claim up to `limit` due jobs and start them; fail those with no attempt left."""
@@ -891,7 +906,7 @@ class Worker:
 
     async def run_job(self, claim: Claim) -> None:
         """Run one attempt: its result joins the next batch; a failure is recorded at once."""
-        log_context.set({"job_id": str(claim.job_id), "attempt": claim.attempt})
+        log_context.set({"job_id": str(claim.job_id), "attempt": claim.attempt})  # for this task's lines
         animal = ANIMALS[claim.job_id.int % len(ANIMALS)]  # random, since ids are; the same on every attempt
         logger.debug("job %s attempt %d: generating %d %s images", *claim, animal)
         timeout, settings = self.settings.job_timeout_seconds, self.settings
@@ -909,7 +924,7 @@ class Worker:
             result = "timed_out"
         except Exception as provider_error:  # whatever the provider raises, the attempt failed
             error, result = provider_error, None
-        text = storable(f"{type(error).__name__}: {error}")
+        text = storable(str(error) if isinstance(error, ProviderError) else f"{type(error).__name__}: {error}")
         logger.warning("job %s attempt %d failed: %s", claim.job_id, claim.attempt, text)
         final = isinstance(error, ProviderError) and error.final
         delay = getattr(error, "retry_after", None) or retry_delay(claim.attempt)
@@ -967,7 +982,8 @@ class Worker:
                 self.metrics.attempts.labels("completed").inc()
             else:
                 self.metrics.attempts.labels("lost").inc()
-                logger.warning("job %s attempt %d: result dropped, the claim was lost", *claim[:2])
+                with about(claim):
+                    logger.warning("job %s attempt %d: result dropped, the claim was lost", *claim[:2])
             self.release(claim)
         self.notifications.jobs_ended(job_id for job_id, _ in written)
 
@@ -991,7 +1007,8 @@ class Worker:
         for claim in claims:
             task = self.held.get(claim)
             if task and not task.done():
-                logger.warning("job %s attempt %d: claim lost (cancelled or taken over), stopping it", *claim[:2])
+                with about(claim):
+                    logger.warning("job %s attempt %d: claim lost (cancelled or taken over), stopping it", *claim[:2])
                 task.cancel()
                 self.metrics.attempts.labels("lost").inc()
                 self.release(claim)
@@ -1208,6 +1225,8 @@ async def generations(request: Request) -> Response:
 
 async def get_generation(request: Request) -> Response:
     """GET /generations/{id}: the job, at once or, with ?wait=, once it has ended."""
+    if request.path_params["job_id"] == "batch":  # a GET of POST /generations/batch, not a job
+        raise HTTPException(405, headers={"Allow": "POST"})
     job_id = read_job_id(request)
     wait = read_wait(request)
     if wait is None:

@@ -313,7 +313,7 @@ async def test_provider_errors_are_retried_until_max_attempts_then_fail(
         job = await post_job(client)
         row = await wait_for_status(db, job["jobId"], "failed", within=15)
     assert row["attempts"] == 3
-    assert row["error"] == "ProviderError: the image provider failed (simulated by IMAGE_PROVIDER_FAILURE_RATE)"
+    assert row["error"] == "the image provider failed (simulated by IMAGE_PROVIDER_FAILURE_RATE)"
     assert row["image_urls"] is None
     assert row["completed_at"] is not None
 
@@ -450,12 +450,16 @@ async def test_the_lease_keeper_stops_a_cancelled_job_and_frees_its_slot(
     real_provider = app.generate_images
     stopped = asyncio.Event()
 
-    async def hangs_for_two_images(animal: str, num_images: int, settings: app.Settings) -> list[str]:
+    async def hangs_for_two_images(
+        job_id: uuid.UUID, attempt: int, animal: str, num_images: int, settings: app.Settings, http: Any
+    ) -> list[str]:
         """A minute for the job of two images, no time for others; note when the long call is cancelled."""
         if num_images == 1:
-            return await real_provider(animal, num_images, settings)
+            return await real_provider(job_id, attempt, animal, num_images, settings, http)
         try:
-            return await real_provider(animal, num_images, dataclasses.replace(settings, image_provider_delay=60))
+            return await real_provider(
+                job_id, attempt, animal, num_images, dataclasses.replace(settings, image_provider_delay=60), http
+            )
         except asyncio.CancelledError:
             stopped.set()
             raise
@@ -518,10 +522,14 @@ async def test_shutdown_lets_running_jobs_finish_within_the_grace_period(
             await asyncio.sleep(0.4)  # committed; the answer is on its way
         return rows
 
-    async def one_image_first(animal: str, num_images: int, settings: app.Settings) -> list[str]:
+    async def one_image_first(
+        job_id: uuid.UUID, attempt: int, animal: str, num_images: int, settings: app.Settings, http: Any
+    ) -> list[str]:
         """0.5 s for a job of one image, 0.7 s for two: the second ends while the first is being written."""
         delay = 0.5 if num_images == 1 else 0.7
-        return await real_provider(animal, num_images, dataclasses.replace(settings, image_provider_delay=delay))
+        return await real_provider(
+            job_id, attempt, animal, num_images, dataclasses.replace(settings, image_provider_delay=delay), http
+        )
 
     monkeypatch.setattr(asyncpg.Pool, "fetch", late_answer_to_completions)
     monkeypatch.setattr(app, "generate_images", one_image_first)
@@ -534,7 +542,7 @@ async def test_shutdown_lets_running_jobs_finish_within_the_grace_period(
         row = await job_row(db, job["jobId"])
         assert (row["status"], row["attempts"], row["error"]) == ("completed", 1, None)
     messages = [record.getMessage() for record in caplog.records if record.name == "generations"]
-    assert "shutting down: waiting up to 10s for 2 running jobs" in messages  # they did finish during the grace
+    assert "shutting down: waiting up to 10s for running jobs: 2" in messages  # they did finish during the grace
     assert [m for m in messages if "result dropped" in m or "claim lost" in m or "handed" in m] == []
 
 
@@ -588,14 +596,18 @@ async def test_a_hung_provider_call_times_out_and_frees_its_slot(
     real_provider = app.generate_images
     timeline: list[tuple[str, float]] = []
 
-    async def hangs_for_two_images(animal: str, num_images: int, settings: app.Settings) -> list[str]:
+    async def hangs_for_two_images(
+        job_id: uuid.UUID, attempt: int, animal: str, num_images: int, settings: app.Settings, http: Any
+    ) -> list[str]:
         """A minute for the job of two images, no time for others; note when calls start and are stopped."""
         now = asyncio.get_running_loop().time
         if num_images == 1:
             timeline.append(("quick call started", now()))
-            return await real_provider(animal, num_images, settings)
+            return await real_provider(job_id, attempt, animal, num_images, settings, http)
         try:
-            return await real_provider(animal, num_images, dataclasses.replace(settings, image_provider_delay=60))
+            return await real_provider(
+                job_id, attempt, animal, num_images, dataclasses.replace(settings, image_provider_delay=60), http
+            )
         except asyncio.CancelledError:
             timeline.append(("hung call stopped", now()))
             raise

@@ -782,7 +782,7 @@ async def test_provider_failures_end_every_job_completed_or_failed(
     for row in rows:
         if row["status"] == "failed":
             assert row["attempts"] == max_attempts
-            assert row["error"].startswith("ProviderError: ") and row["image_urls"] is None
+            assert row["error"].startswith("the image provider failed") and row["image_urls"] is None
         else:
             assert row["status"] == "completed", row
             assert 1 <= row["attempts"] <= max_attempts

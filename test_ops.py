@@ -253,7 +253,7 @@ class JsonRun(NamedTuple):
 def json_run(server_url: str, tmp_path_factory: pytest.TempPathFactory) -> JsonRun:
     """One process with LOG_FORMAT=json and LOG_LEVEL=DEBUG (so the access log is on), on an empty
     database, from start to SIGTERM: a job completed (POSTed with X-Request-ID: abc), a job cancelled
-    while it ran (so its result is dropped), a 404 for an unknown path."""
+    while it ran (so its attempt is stopped), a 404 for an unknown path."""
     log_path = tmp_path_factory.mktemp("json-log") / "service.log"
     with empty_database(server_url) as url:
         service = Service(url, log_path, LOG_FORMAT="json", LOG_LEVEL="DEBUG", IMAGE_PROVIDER_DELAY=0.5)
@@ -264,7 +264,7 @@ def json_run(server_url: str, tmp_path_factory: pytest.TempPathFactory) -> JsonR
             path = f"/generations/{cancelled['jobId']}"
             until(lambda: http.get(path).json()["status"] == "processing", within=10)
             assert http.post(f"{path}/cancel").status_code == 200
-            until(lambda: "result dropped" in service.log(), within=10)
+            until(lambda: "claim lost" in service.log(), within=10)
             assert http.get("/nope").status_code == 404
             service.stop(within=15)
     return JsonRun(service.log().splitlines(), completed["jobId"], cancelled["jobId"])
@@ -303,7 +303,7 @@ def test_json_lines_about_a_job_carry_its_job_id_and_attempt(json_run: JsonRun) 
         (entry, match) for entry in json_run.entries("generations") if (match := ABOUT_A_JOB.match(entry["message"]))
     ]
     assert {match[1] for _, match in about} == {json_run.completed_id, json_run.cancelled_id}
-    assert any("result dropped" in entry["message"] for entry, _ in about)
+    assert any("claim lost" in entry["message"] for entry, _ in about)
     for entry, match in about:
         assert (entry.get("job_id"), entry.get("attempt")) == (match[1], int(match[2])), entry
         assert "request_id" not in entry, entry
@@ -465,12 +465,11 @@ TRIGGERS_ON_JOBS = "SELECT tgname FROM pg_trigger WHERE tgrelid = 'jobs'::regcla
 INDEXES_ON_JOBS = "SELECT indexname FROM pg_indexes WHERE tablename = 'jobs'"
 OLD_FUNCTIONS = "SELECT proname FROM pg_proc WHERE proname LIKE 'notify_generations%'"
 
-# What 1.0's schema.sql left in a database: no batch_index, one job per Idempotency-Key, and per-row
-# triggers whose NOTIFY made inserts commit one at a time.
+# What 1.0's schema.sql left in a database: no batch columns, and per-row triggers whose NOTIFY
+# made inserts commit one at a time.
 SCHEMA_1_0 = """
-DROP INDEX jobs_idempotency_key_position;
-ALTER TABLE jobs DROP COLUMN batch_index;
-CREATE UNIQUE INDEX jobs_idempotency_key ON jobs (idempotency_key) WHERE idempotency_key IS NOT NULL;
+DROP INDEX jobs_batch_key;
+ALTER TABLE jobs DROP COLUMN batch_index, DROP COLUMN batch_key;
 
 CREATE FUNCTION notify_generations_new() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
@@ -508,8 +507,8 @@ async def test_a_database_of_the_previous_version_is_upgraded_on_start(
     settings: SettingsFactory, db: asyncpg.Connection, version: str
 ) -> None:
     """A database that 1.0 made (no schema_version, or another version in it) is brought up to date when
-    the service starts: its triggers, their functions and its one-job-per-key index are gone, a batch
-    with a key works, and a key 1.0 took still finds its job."""
+    the service starts: its triggers and their functions are gone, a batch with a key works, and a key
+    1.0 took still finds its job (1.0's idempotency index stays: 1.0 replicas still running use it)."""
     await db.execute(SCHEMA_1_0)
     await db.execute(version)
     old_job = await db.fetchval("SELECT id FROM jobs WHERE idempotency_key = 'made-by-1.0'")
@@ -521,7 +520,7 @@ async def test_a_database_of_the_previous_version_is_upgraded_on_start(
     assert await db.fetch(TRIGGERS_ON_JOBS) == []
     assert await db.fetch(OLD_FUNCTIONS) == []
     indexes = {row["indexname"] for row in await db.fetch(INDEXES_ON_JOBS)}
-    assert "jobs_idempotency_key" not in indexes
+    assert {"jobs_idempotency_key", "jobs_batch_key"} <= indexes
     assert (first.status_code, again.status_code) == (202, 200)
     assert again.json() == first.json()
     assert (replay.status_code, replay.json()["jobId"]) == (200, str(old_job))
