@@ -81,6 +81,7 @@ class Scrape:
     """One /metrics answer, parsed by prometheus_client's own parser."""
 
     def __init__(self, text: str) -> None:
+        self.text = text
         self.families = {family.name: family for family in text_string_to_metric_families(text)}
         self.samples = [sample for family in self.families.values() for sample in family.samples]
 
@@ -125,10 +126,13 @@ async def listening(client: httpx.AsyncClient) -> Scrape | None:
     return metrics if metrics.value("generations_listen_connected") == 1 else None
 
 
-async def test_metrics_count_what_this_process_did(settings: SettingsFactory, db: asyncpg.Connection) -> None:
+async def test_metrics_count_what_this_process_did(
+    settings: SettingsFactory, db: asyncpg.Connection, check_metrics: Callable[[str], None]
+) -> None:
     """After jobs made and completed here and some requests: every family SPEC names, with the jobs this
     process created (a replayed key adds none), their completed attempts, wait and run times, requests by
-    route template (never an id; unknown paths share one label), and notifications arriving."""
+    route template (never an id; unknown paths share one label), and notifications arriving; promtool
+    finds nothing wrong with the exposition."""
     async with serving(settings()) as client:
         single = await post_job(client, 1, **{"Idempotency-Key": "k"})
         replay = await client.post("/generations", json={"numImages": 1}, headers={"Idempotency-Key": "k"})
@@ -165,6 +169,7 @@ async def test_metrics_count_what_this_process_did(settings: SettingsFactory, db
     assert len(unmatched) == 1, routes  # one label for every path that matches no route
     assert not any(job_id in route or "nope" in route for route in routes for job_id in ids)
     assert metrics.value(requests, method="GET", route=unmatched.pop(), status="404") == 2
+    check_metrics(metrics.text)
 
 
 async def test_metrics_count_retried_and_failed_attempts(settings: SettingsFactory, db: asyncpg.Connection) -> None:
