@@ -167,6 +167,50 @@ async def test_health_ready_and_root(client: httpx.AsyncClient) -> None:
     }
 
 
+async def test_a_background_step_that_fails_is_logged_and_runs_again(
+    settings: SettingsFactory, db: asyncpg.Connection, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A background step that raises something unexpected (here, the notification sender, once) is
+    logged with its traceback and runs again: the job it was announcing still reaches another replica."""
+    real_flush = app.Notifications.flush
+    failures = []
+
+    async def fails_once(self: app.Notifications) -> None:
+        if not failures:
+            failures.append(1)
+            raise RuntimeError("a bug in the sender")
+        await real_flush(self)
+
+    monkeypatch.setattr(app.Notifications, "flush", fails_once)
+    async with running(settings(worker_concurrency=0)) as api, running(settings(worker_poll_interval=3600)):
+        job = await post_job(api)  # only the API's announcement can wake the other app's worker
+        await wait_for_status(db, job["jobId"], "completed")
+    [record] = [r for r in caplog.records if r.getMessage() == "notifying failed"]
+    assert record.levelname == "ERROR" and "a bug in the sender" in str(record.exc_info[1])
+
+
+async def test_ready_says_which_background_task_stopped(
+    settings: SettingsFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A background task that ends for good (here the claim loop, by a bug outside its own error
+    handling) makes /ready a 503 that names it."""
+
+    async def broken(self: app.Worker) -> None:
+        raise RuntimeError("a bug in the claim loop")
+
+    monkeypatch.setattr(app.Worker, "claim_until_stopped", broken)
+    async with running(settings()) as client:
+        ready = await eventually(lambda: not_ready(client))
+    assert_problem(ready, 503)
+    assert "the worker is not running" in ready.json()["detail"]
+    assert ready.headers["retry-after"] == "2"
+
+
+async def not_ready(client: httpx.AsyncClient) -> httpx.Response | None:
+    response = await client.get("/ready")
+    return response if response.status_code == 503 else None
+
+
 # --- Errors ----------------------------------------------------------------------------------
 
 BAD_BODIES = [
