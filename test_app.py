@@ -182,8 +182,9 @@ async def test_a_background_step_that_fails_is_logged_and_runs_again(
         await real_flush(self)
 
     monkeypatch.setattr(app.Notifications, "flush", fails_once)
-    async with running(settings(worker_concurrency=0)) as api, running(settings(worker_poll_interval=3600)):
-        job = await post_job(api)  # only the API's announcement can wake the other app's worker
+    async with running(settings(worker_concurrency=0)) as api, running(settings(worker_poll_interval=3600)) as other:
+        await eventually(lambda: listening(other))  # from now on, only an announcement wakes its worker
+        job = await post_job(api)
         await wait_for_status(db, job["jobId"], "completed")
     [record] = [r for r in caplog.records if r.getMessage() == "notifying failed"]
     assert record.levelname == "ERROR" and "a bug in the sender" in str(record.exc_info[1])
