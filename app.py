@@ -692,7 +692,8 @@ class Notifications:
 
     def jobs_ended(self, job_ids: Iterable[uuid.UUID]) -> None:
         self.ended_jobs += map(str, job_ids)
-        self.outbox.set()
+        if self.ended_jobs:
+            self.outbox.set()
 
     async def send(self) -> None:
         """Wait for something to announce, then announce everything that is waiting."""

@@ -176,7 +176,7 @@ async def test_a_background_step_that_fails_is_logged_and_runs_again(
     failures = []
 
     async def fails_once(self: app.Notifications) -> None:
-        if not failures:
+        if self.new_jobs and not failures:  # the API's announcement of the job
             failures.append(1)
             raise RuntimeError("a bug in the sender")
         await real_flush(self)
