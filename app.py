@@ -35,6 +35,7 @@ import logging
 import math
 import os
 import random
+import re
 import sys
 import time
 import uuid
@@ -298,7 +299,7 @@ RETURNING jobs.id, jobs.attempts, jobs.num_images, runnable, extract(epoch FROM 
 """
 
 # Complete a batch of jobs in one statement (image URLs as JSON text, one per job, since
-# arrays of arrays would flatten), and store the pictures that came as bytes ($5-$8). Each
+# arrays of arrays would flatten), and store the pictures that came as bytes ($5-$9). Each
 # job counts only if it is still processing under the attempt that produced it: a cancelled
 # job, or one whose lease another worker took over, is left alone, and so are its pictures.
 # The rows returned are the jobs written.
@@ -312,8 +313,10 @@ WITH done AS (
     RETURNING jobs.id, jobs.attempts
 ), stored AS (
     INSERT INTO images (job_id, position, content_type, data)
-    SELECT * FROM unnest($5::uuid[], $6::int[], $7::text[], $8::bytea[]) AS image(job_id, position, type, data)
-    WHERE image.job_id IN (SELECT id FROM done)
+    SELECT image.job_id, image.position, image.type, image.data
+    FROM unnest($5::uuid[], $6::int[], $7::int[], $8::text[], $9::bytea[])
+         AS image(job_id, attempt, position, type, data)
+    JOIN done ON done.id = image.job_id AND done.attempts = image.attempt
 )
 SELECT id, attempts FROM done
 """
@@ -336,8 +339,8 @@ RETURNING jobs.id, jobs.status
 
 # Extend the leases of the jobs this worker holds. A job missing from the result is no
 # longer ours: it was cancelled, or its lease ran out and another worker claimed it.
-# Statements given many jobs lock them in the order given, so the worker always gives them
-# sorted by id: two of its statements then never deadlock each other.
+# The worker gives statements their jobs sorted by id, so that two of its statements lock them
+# in the same order and seldom deadlock (when they do, PostgreSQL aborts one; it is retried).
 EXTEND_LEASES = """
 UPDATE jobs SET available_at = now() + make_interval(secs => $3)
 FROM unnest($1::uuid[], $2::int[]) AS held(id, attempt)
@@ -429,14 +432,9 @@ async def wait_up_to(seconds: float, event: asyncio.Event) -> None:
             await event.wait()
 
 
-@contextlib.contextmanager
-def about(claim: "Claim") -> Iterator[None]:
-    """Log lines within are about this job and attempt (LOG_FORMAT=json shows them)."""
-    token = log_context.set({"job_id": str(claim.job_id), "attempt": claim.attempt})
-    try:
-        yield
-    finally:
-        log_context.reset(token)
+def about(claim: "Claim") -> dict[str, Any]:
+    """What a log line about this attempt carries (LOG_FORMAT=json shows it)."""
+    return {"job_id": str(claim.job_id), "attempt": claim.attempt}
 
 
 async def keep_running(what: str, step: Callable[[], Awaitable[None]], outage: Outage) -> None:
@@ -563,7 +561,7 @@ def checked_images(images: object, num_images: int) -> list[Image]:
 def checked_image(image: str) -> Image:
     """A picture as the provider gave it: an http(s) URL as is, a data:image/...;base64, URI decoded."""
     media_type, _, data = image.partition(";base64,")
-    if media_type.startswith("data:image/") and data:
+    if re.fullmatch(r"data:image/[\w.+-]{1,100}", media_type, re.ASCII) and data:
         with contextlib.suppress(binascii.Error):
             return media_type.removeprefix("data:"), base64.b64decode(data, validate=True)
     if image.startswith(("https://", "http://")) and storable(image) == image:
@@ -632,9 +630,9 @@ async def apply_schema(pool: asyncpg.Pool) -> None:
         while await schema_version(connection) != version:
             try:
                 async with connection.transaction():
-                    await connection.execute(LOCK_SCHEMA)
+                    await connection.execute(LOCK_SCHEMA, timeout=None)  # another replica may be applying it
                     await connection.execute(LIMIT_LOCK_WAIT)
-                    await connection.execute(schema)
+                    await connection.execute(schema, timeout=None)  # an index on a large table takes a while
                     await connection.execute(SET_SCHEMA_VERSION, version)
                 logger.info("applied schema.sql (version %s)", version)
             except asyncpg.LockNotAvailableError:
@@ -652,7 +650,7 @@ async def delete_expired_jobs(pool: asyncpg.Pool, retention_seconds: float) -> N
     """Delete the jobs that ended longer ago than JOB_RETENTION_SECONDS, a batch at a time."""
     await asyncio.sleep(RETENTION_INTERVAL_SECONDS)
     deleted = f"DELETE {RETENTION_BATCH_SIZE}"  # a full batch: more may be waiting
-    while await pool.execute(DELETE_EXPIRED_JOBS, retention_seconds, RETENTION_BATCH_SIZE) == deleted:
+    while await pool.execute(DELETE_EXPIRED_JOBS, retention_seconds, RETENTION_BATCH_SIZE, timeout=60) == deleted:
         pass
 
 
@@ -715,6 +713,7 @@ class Notifications:
         except BaseException:  # keep them for the next try
             self.new_jobs |= new
             self.ended_jobs[:0] = ended
+            self.outbox.set()
             raise
 
     def wake_all_waiters(self) -> None:
@@ -753,15 +752,16 @@ class Notifications:
             while not lost.is_set():
                 pong.clear()
                 await self.pool.execute(NOTIFY, ["generations_ping"], [self.nonce])
+                self.outage.over()
                 await wait_up_to(QUERY_TIMEOUT_SECONDS, pong)
                 self._note_arriving(pong.is_set())
                 if not pong.is_set():  # try a new connection later; poll meanwhile
                     await asyncio.sleep(LISTEN_RETRY_SECONDS)
                     return
-                self.outage.over()
                 await wait_up_to(LISTEN_CHECK_SECONDS, lost)
             logger.warning("the notification connection was lost; reconnecting")
         finally:
+            self.arriving = False  # long polls look again at each poll interval until a ping arrives
             self.metrics.listen_connected.set(0)
             connection.terminate()
 
@@ -853,26 +853,47 @@ class Worker:
         ]
 
     def stop_claiming(self) -> None:
+        """Claim nothing more (the first step of a shutdown, taken as soon as the signal arrives)."""
         self.stopping.set()
         self.wakeup.set()
 
     async def stop(self, tasks: list[asyncio.Task[None]]) -> None:
-        """Stop claiming, let running jobs finish within the grace period, hand back the rest."""
+        """Stop claiming, give running jobs the grace period, write what finished, hand back the rest."""
         claimer, writer, keeper = tasks
-        self.stop_claiming()
         await asyncio.gather(claimer, return_exceptions=True)
-        await self.let_running_jobs_finish()
+        if running := [task for task in self.held.values() if not task.done()]:
+            grace = self.settings.shutdown_grace_seconds
+            logger.info("shutting down: waiting up to %gs for running jobs: %d", grace, len(running))
+            _, unfinished = await asyncio.wait(running, timeout=grace)
+            for task in unfinished:
+                task.cancel()
+            await asyncio.gather(*unfinished, return_exceptions=True)
         async with self.writing:  # a write cut in half may still commit: let it end first
             writer.cancel()
         keeper.cancel()
         await asyncio.gather(writer, keeper, return_exceptions=True)
+        await self.http.close()
+        if self.outage.since is not None:  # each write would wait out its timeouts: leases bring the jobs back
+            return
         try:
             await self.complete(self.finished[:])
-            interrupted = "the attempt was interrupted by a shutdown"
-            await self.retry_or_fail(list(self.held), interrupted, 0.0, "handed_back", self.settings.max_attempts)
         except Exception as error:  # their leases will run out and they will be claimed again
-            self.outage.report("recording jobs at shutdown", error)
-        await self.http.close()
+            self.outage.report("recording completed jobs at shutdown", error)
+        if not self.held:
+            return
+        try:
+            interrupted = "the attempt was interrupted by a shutdown"
+            rows = await self.retry_or_fail(
+                list(self.held), interrupted, 0.0, "handed_back", self.settings.max_attempts
+            )
+            self.notifications.jobs_created()  # another replica may start them now
+            failed = sum(row["status"] == "failed" for row in rows)
+            logger.info(
+                "shutting down: unfinished jobs handed back to the queue: %d; failed for want of attempts: %d",
+                len(rows) - failed, failed,
+            )  # fmt: skip
+        except Exception as error:
+            self.outage.report("handing back unfinished jobs", error)
 
     async def claim_until_stopped(self) -> None:
         """Fill free slots with due jobs; sleep until woken or the poll interval passes."""
@@ -900,14 +921,14 @@ class Worker:
                 claim = Claim(row["id"], row["attempts"], row["num_images"])
                 self.held[claim] = asyncio.create_task(self.run_job(claim))
                 self.metrics.job_wait.observe(float(row["waited"]))
-        abandoned = [row["id"] for row in rows if not row["runnable"]]
-        self.metrics.attempts.labels("failed").inc(len(abandoned))  # their last attempt, cut short
-        self.notifications.jobs_ended(abandoned)
+            else:  # failed by the claim: its last attempt was cut short
+                self.metrics.attempts.labels("failed").inc()
+                self.notifications.jobs_ended([row["id"]])
         return len(rows)
 
     async def run_job(self, claim: Claim) -> None:
         """Run one attempt: its result joins the next batch; a failure is recorded at once."""
-        log_context.set({"job_id": str(claim.job_id), "attempt": claim.attempt})  # for this task's lines
+        log_context.set(about(claim))  # every line this task logs is about this attempt
         animal = ANIMALS[claim.job_id.int % len(ANIMALS)]  # random, since ids are; the same on every attempt
         logger.debug("job %s attempt %d: generating %d %s images", *claim, animal)
         timeout, settings = self.settings.job_timeout_seconds, self.settings
@@ -938,22 +959,14 @@ class Worker:
 
     async def retry_or_fail(
         self, claims: list[Claim], error: str, delay: float, result: str | None, max_attempts: int
-    ) -> None:
-        """Send jobs back to pending after `delay`, or fail those with no attempt left."""
-        if not claims:
-            return
+    ) -> list[asyncpg.Record]:
+        """Send jobs back to pending after `delay`, or fail those with no attempt left; the rows written."""
         rows = await self.pool.fetch(RETRY_OR_FAIL_JOBS, *fenced(claims), max_attempts, error, delay)
-        failed = [row["id"] for row in rows if row["status"] == "failed"]
         for row in rows:
             self.metrics.attempts.labels(result or ("retried" if row["status"] == "pending" else "failed")).inc()
         self.metrics.attempts.labels("lost").inc(len(claims) - len(rows))
-        self.notifications.jobs_ended(failed)
-        if result == "handed_back":
-            self.notifications.jobs_created()  # another replica may start them now
-            logger.info(
-                "shutting down: unfinished jobs handed back to the queue: %d; failed for want of attempts: %d",
-                len(rows) - len(failed), len(failed),
-            )  # fmt: skip
+        self.notifications.jobs_ended(row["id"] for row in rows if row["status"] == "failed")
+        return rows
 
     async def write_results(self) -> None:
         """Wait for finished jobs, then write all of them at once."""
@@ -961,30 +974,50 @@ class Worker:
             self.results_ready.clear()
             await self.results_ready.wait()
         async with self.writing:
-            await self.complete(self.finished[:])
+            batch = self.finished[:]
+            try:
+                await self.complete(batch)
+            except DATABASE_UNAVAILABLE:
+                raise
+            except Exception:  # PostgreSQL refuses something in it: one by one, so the rest is written
+                for result in batch:
+                    await self.complete_or_fail(result)
+                return
+            del self.finished[: len(batch)]
+
+    async def complete_or_fail(self, result: tuple[Claim, str, list[Image]]) -> None:
+        """Complete one job; a result PostgreSQL refuses is a failed attempt, not a stuck writer."""
+        claim = result[0]
+        try:
+            await self.complete([result])
+        except DATABASE_UNAVAILABLE:
+            raise
+        except Exception as error:
+            text = storable(f"the result could not be stored: {type(error).__name__}: {error}")
+            await self.retry_or_fail([claim], text, retry_delay(claim.attempt), None, self.settings.max_attempts)
+            self.release(claim)
+        self.finished.remove(result)
 
     async def complete(self, batch: list[tuple[Claim, str, list[Image]]]) -> None:
         """Record finished jobs as completed in one statement, with the pictures sent as bytes; free their slots."""
         if not batch:
             return
-        ordered = sorted(batch)  # by job id: see EXTEND_LEASES
-        urls, stored = [], []
-        for claim, _, images in ordered:
+        ordered = sorted(batch, key=lambda result: result[0])  # by job id: see EXTEND_LEASES
+        animals, urls, stored = [], [], []
+        for claim, animal, images in ordered:
             paths = [f"/generations/{claim.job_id}/images/{n}" for n in range(1, len(images) + 1)]
+            animals.append(animal)
             urls.append(json.dumps([i if isinstance(i, str) else path for i, path in zip(images, paths, strict=True)]))
-            stored += [(claim.job_id, n, *i) for n, i in enumerate(images, 1) if not isinstance(i, str)]
-        animals = [animal for _, animal, _ in ordered]
-        columns = [list(column) for column in zip(*stored, strict=True)] or [[], [], [], []]
+            stored += [(*claim[:2], n, *i) for n, i in enumerate(images, 1) if not isinstance(i, str)]
+        columns = [list(column) for column in zip(*stored, strict=True)] or [[], [], [], [], []]
         rows = await self.pool.fetch(COMPLETE_JOBS, *fenced(c for c, _, _ in ordered), animals, urls, *columns)
         written = {(row["id"], row["attempts"]) for row in rows}
-        del self.finished[: len(batch)]
         for claim, _, _ in batch:
             if (claim.job_id, claim.attempt) in written:
                 self.metrics.attempts.labels("completed").inc()
             else:
                 self.metrics.attempts.labels("lost").inc()
-                with about(claim):
-                    logger.warning("job %s attempt %d: result dropped, the claim was lost", *claim[:2])
+                logger.warning("job %s attempt %d: result dropped, the claim was lost", *claim[:2], extra=about(claim))
             self.release(claim)
         self.notifications.jobs_ended(job_id for job_id, _ in written)
 
@@ -1008,23 +1041,11 @@ class Worker:
         for claim in claims:
             task = self.held.get(claim)
             if task and not task.done():
-                with about(claim):
-                    logger.warning("job %s attempt %d: claim lost (cancelled or taken over), stopping it", *claim[:2])
+                message = "job %s attempt %d: claim lost (cancelled or taken over), stopping it"
+                logger.warning(message, *claim[:2], extra=about(claim))
                 task.cancel()
                 self.metrics.attempts.labels("lost").inc()
                 self.release(claim)
-
-    async def let_running_jobs_finish(self) -> None:
-        """Give running jobs up to the shutdown grace period, then cancel what is left."""
-        running = [task for task in self.held.values() if not task.done()]
-        if not running:
-            return
-        grace = self.settings.shutdown_grace_seconds
-        logger.info("shutting down: waiting up to %ss for running jobs: %d", grace, len(running))
-        _, unfinished = await asyncio.wait(running, timeout=grace)
-        for task in unfinished:
-            task.cancel()
-        await asyncio.gather(*unfinished, return_exceptions=True)
 
 
 # --- HTTP ----------------------------------------------------------------------------------
@@ -1161,19 +1182,17 @@ async def wait_for_job(request: Request, job_id: uuid.UUID, seconds: float) -> a
     disconnected = asyncio.create_task(wait_until_disconnected(request))
     try:
         with state.notifications.watch(job_id) as maybe_ended:
+            disconnected.add_done_callback(lambda _: maybe_ended.set())
             while True:
                 maybe_ended.clear()
                 job = await state.pool.fetchrow(SELECT_JOB, job_id)
                 remaining = deadline - asyncio.get_running_loop().time()
-                if job is None or job["status"] in TERMINAL_STATUSES or remaining <= 0:
-                    return job
-                if disconnected.done() or state.shutting_down.is_set():
+                ended = job is None or job["status"] in TERMINAL_STATUSES
+                if ended or remaining <= 0 or disconnected.done() or state.shutting_down.is_set():
                     return job
                 if not state.notifications.arriving:  # nothing will wake us: look again at each poll interval
                     remaining = min(remaining, state.settings.worker_poll_interval)
-                woken = asyncio.create_task(maybe_ended.wait())
-                await asyncio.wait({woken, disconnected}, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
-                woken.cancel()
+                await wait_up_to(remaining, maybe_ended)
     finally:
         disconnected.cancel()
 
@@ -1422,6 +1441,7 @@ class JSONLines(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
             **log_context.get(),
+            **{key: getattr(record, key) for key in ("job_id", "attempt") if hasattr(record, key)},
         }
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)

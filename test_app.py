@@ -27,7 +27,7 @@ URL_PATTERN = re.compile(r"https://placehold\.co/512x512/png\?text=a\+cute\+([a-
 TIMESTAMP = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z")
 
 SettingsFactory = Callable[..., app.Settings]
-NO_IMAGES = [[], [], [], []]  # COMPLETE_JOBS's pictures sent as bytes: none
+NO_IMAGES = [[], [], [], [], []]  # COMPLETE_JOBS's pictures sent as bytes: none
 
 
 async def post_job(client: httpx.AsyncClient, num_images: int = 1, **headers: str) -> dict:
@@ -188,6 +188,27 @@ async def test_a_background_step_that_fails_is_logged_and_runs_again(
         await wait_for_status(db, job["jobId"], "completed")
     [record] = [r for r in caplog.records if r.getMessage() == "notifying failed"]
     assert record.levelname == "ERROR" and "a bug in the sender" in str(record.exc_info[1])
+
+
+async def test_a_result_postgresql_refuses_fails_its_attempt_and_the_rest_is_written(
+    settings: SettingsFactory, db: asyncpg.Connection, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A finished job whose result PostgreSQL refuses (here a content type with a NUL, which the
+    provider checks would not let through) fails its attempt and is retried; the jobs written in the
+    same batch complete, and the writer goes on."""
+    real_check = app.checked_images
+
+    def poisons_two_images(images: object, num_images: int) -> list[app.Image]:
+        return [("image/png\x00", b"x")] * 2 if num_images == 2 else real_check(images, num_images)
+
+    monkeypatch.setattr(app, "checked_images", poisons_two_images)
+    async with running(settings(max_attempts=2, image_provider_delay=0.2)) as client:
+        jobs = [await post_job(client, n) for n in (1, 2, 1)]  # finished together: one batch
+        bad = await wait_for_status(db, jobs[1]["jobId"], "failed")
+        for job in (jobs[0], jobs[2], await post_job(client, 1)):
+            await wait_for_status(db, job["jobId"], "completed")
+    assert bad["attempts"] == 2
+    assert bad["error"].startswith("the result could not be stored: CharacterNotInRepertoireError")
 
 
 async def test_ready_says_which_background_task_stopped(
