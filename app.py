@@ -1518,8 +1518,9 @@ async def lifespan(app: Starlette, settings: Settings, metrics: Metrics) -> Asyn
         for task in background:
             task.cancel()
         await asyncio.gather(*background, return_exceptions=True)
-        try:
-            await notifications.flush()  # what the worker handed back and finished, for the other replicas
+        try:  # what the worker handed back and finished, for the other replicas (not during an outage)
+            if outage.since is None:
+                await notifications.flush()
         except Exception as error:
             outage.report("notifying at shutdown", error)
         await pool.close()
