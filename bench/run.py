@@ -6,9 +6,9 @@
     .venv/bin/python bench/run.py --quick      short windows and few jobs: a sanity run
     .venv/bin/python bench/run.py --only enqueue,pickup --env DB_POOL_MAX_SIZE=20
     .venv/bin/python bench/run.py --scale      how costs grow with history and backlog: 0, 1M, 10M
-                                               finished jobs x 0, 1M pending (about 9 minutes, 15 GB free)
-    .venv/bin/python bench/run.py --scale --quick                          0 and 100k of each: about a minute
-    .venv/bin/python bench/run.py --scale --scale-sizes 0,1M --scale-backlogs 0,1M     about 3 minutes
+                                               finished jobs x 0, 1M pending (about 11 minutes, 15 GB free)
+    .venv/bin/python bench/run.py --scale --quick                     0 and 100k of each: about 2.5 minutes
+    .venv/bin/python bench/run.py --scale --scale-sizes 0,1M --scale-backlogs 0,1M     about 5 minutes
 
 It starts its own PostgreSQL (the embedded one, or the server DATABASE_URL names, whose role
 must be allowed to create databases) and gives each scenario a fresh database. This process
@@ -45,9 +45,9 @@ one JSON line with its settings and results; a markdown table of the targets fol
                    prepared statement: the plan PostgreSQL settles on), table and index sizes, HOT
                    updates, retention (JOB_RETENTION_SECONDS), and for each backlog a burst: the
                    claim's plan and time before it, just after it, and once autovacuum analyzed
-                   every latency <= 1.5 x its value on empty tables, claim <= 5 ms at 1M pending,
-                   /metrics p50 <= 50 ms with a backlog, retention >= 50,000 rows/s with claims'
-                   p99 <= 20 ms
+                   every latency <= 1.5 x its value on empty tables (but /metrics, which counts
+                   pending jobs up to a bound), claim <= 5 ms at 1M pending, /metrics p50 <= 50 ms
+                   with a backlog, retention >= 50,000 rows/s with claims' p99 <= 20 ms
 
 The targets compare numbers of the same round, because the machine is shared: PostgreSQL,
 the services and this generator run on the same cores, and so may other programs. Each load
@@ -1213,6 +1213,9 @@ AUTO_PLAN_RUNS = 6
 SCALE_LATENCY_RATIO = 1.5
 CLAIM_MS_AT_BACKLOG = 5.0
 METRICS_P50_MS = 50.0  # GET /metrics with a backlog
+# Latencies shown with their ratio but judged by a target of their own: /metrics counts pending jobs up
+# to app.COUNT_LIMIT by design, so it grows with a backlog up to that bound (METRICS_P50_MS).
+UNJUDGED = {"metrics p50"}
 RETENTION_ROWS_PER_SECOND, RETENTION_CLAIM_P99_MS = 50_000, 20.0
 # Retention keeps the newest 6/7 of the time the history spans, so that its oldest seventh is due.
 RETENTION_KEPT_SHARE = 6 / 7
@@ -1632,6 +1635,7 @@ class ScaleBench:
         try:
             self.say(f"{what}: the claim as the service runs it, before the burst")
             before = await claim_as_service(connection, self.scale.claim_runs)
+            analyzed_before = (await connection.fetchrow(AUTOVACUUM_STATE))["autoanalyze_count"]
             await self.fill(url, what, FILL_BACKLOG, range(backlog), Timeline.ending_now(BACKLOG_SPAN, backlog), False)
             just_after = await claim_as_service(connection, 3)
             state = await connection.fetchrow(AUTOVACUUM_STATE)
@@ -1658,6 +1662,8 @@ class ScaleBench:
             "n_mod_since_analyze": state["n_mod_since_analyze"],
             "analyze_threshold": state["analyze_threshold"],
             "analyze_due": due,
+            # An autovacuum ANALYZE may come while the burst is still being inserted (between chunks).
+            "autoanalyzes_during_burst": state["autoanalyze_count"] - analyzed_before,
             "watched_s": limit,
             "autoanalyzed_after_s": analyzed,  # None: not within the watch
             "claim_before": before,
@@ -1685,9 +1691,9 @@ class ScaleBench:
                 await admin.close()
 
     async def measure(self, url: str, history: int, backlog: int) -> dict[str, Any]:
-        """Everything one combination reports: the statements' plans and costs in the database,
-        enqueue and reads over HTTP (WORKER_CONCURRENCY=0: the backlog stays), pickup (at B=0
-        only: a worker would chew the backlog), and the share of HOT updates."""
+        """Everything one combination reports: the statements' plans and costs in the database, the
+        claim as the service runs it, reads then enqueue over HTTP (WORKER_CONCURRENCY=0: the backlog
+        stays), pickup (at B=0 only: a worker would chew the backlog), and the share of HOT updates."""
         self.say(f"history {count_text(history)}, backlog {count_text(backlog)}: timing statements")
         ids = await sample_ids(url, self.scale.sample_ids)
         statements, skipped = await time_statements(url, ids[0] if ids else uuid.uuid4(), self.scale.explain_runs)
@@ -1699,9 +1705,10 @@ class ScaleBench:
         updates_before = await update_counts(url)
         name = f"scale-{count_text(history)}-{count_text(backlog)}"
         async with self.bench.services(name, url, WORKER_CONCURRENCY=0) as [service]:
-            self.say(f"history {count_text(history)}, backlog {count_text(backlog)}: enqueue and reads")
-            enqueue = (await self.bench.load([service], post_job, self.bench.plan.seconds)).summary()
+            # Reads first: the enqueue leaves its jobs pending (no worker), a backlog of its own.
+            self.say(f"history {count_text(history)}, backlog {count_text(backlog)}: reads and enqueue")
             reads = await self.reads(service, ids or await sample_ids(url, self.scale.sample_ids))
+            enqueue = (await self.bench.load([service], post_job, self.bench.plan.seconds)).summary()
         result: dict[str, Any] = {"history": history, "backlog": backlog, "settings": self.settings()}
         result |= {"enqueue": enqueue, "reads": reads, "statements": statements, "skipped": skipped}
         result["claim_as_service"] = claim
@@ -1971,7 +1978,9 @@ def scale_targets(results: list[dict[str, Any]], retention: dict[str, Any]) -> l
 
     for result in results:
         at = f"history {count_text(result['history'])}, backlog {count_text(result['backlog'])}"
-        judged = {name: ratio for name, ratio in result["ratios"].items() if not math.isnan(ratio)}
+        judged = {
+            name: ratio for name, ratio in result["ratios"].items() if not math.isnan(ratio) and name not in UNJUDGED
+        }
         if result is not results[0] and judged:
             worst = max(judged, key=judged.__getitem__)
             met = judged[worst] <= SCALE_LATENCY_RATIO
@@ -2036,6 +2045,8 @@ def scale_burst_table(bursts: list[dict[str, Any]]) -> list[str]:
     for burst in bursts:
         due = f"{'yes' if burst['analyze_due'] else 'no'}: {burst['n_mod_since_analyze']:,} changed rows"
         due += f" vs threshold {burst['analyze_threshold']:,.0f}"
+        if during := burst.get("autoanalyzes_during_burst"):
+            due += f" ({during} ANALYZE during the burst)"
         analyzed = burst["autoanalyzed_after_s"]
         waited = f"{analyzed:g} s" if analyzed is not None else f"not within {burst['watched_s']:g} s"
         slowest = max(burst["polls"], key=lambda poll: poll["claim_ms"], default=None)
@@ -2060,6 +2071,7 @@ def scale_markdown(
             f"Ratios: to the empty tables (history 0, backlog 0) of this run; over {SCALE_LATENCY_RATIO:g}x in bold.",
             "Pickup needs a worker, which would drain a backlog: it is measured at backlog 0 only.",
             "A listing whose page held another number of jobs on the empty tables has no ratio (`?status=failed`).",
+            "/metrics counts pending jobs up to a bound: its ratio is shown, its own target judges it.",
             "The statements run under EXPLAIN ANALYZE in transactions rolled back; `service gets` is the plan"
             f" PostgreSQL settles on by the {AUTO_PLAN_RUNS}th execution of the prepared statement.",
             "",
