@@ -1177,6 +1177,12 @@ AUTOVACUUM_SETTINGS = (
 HISTORY_TIMES = "SELECT now(), min(created_at), max(created_at) FROM jobs"  # the history only, in its copy
 COUNT_OLDER = "SELECT count(*) FROM jobs WHERE created_at < $1"  # by jobs_newest: cheap enough to poll
 QUEUED = "SELECT count(*) FROM jobs WHERE status IN ('pending', 'processing')"  # by jobs_claimable
+# The enqueue's jobs, completed as a worker would complete them (by jobs_status_newest).
+COMPLETE_ENQUEUED = """
+UPDATE jobs SET status = 'completed', animal = 'cat', attempts = 1, updated_at = now(), completed_at = now(),
+                image_urls = '["https://placehold.co/512x512/png?text=a+cute+cat+1"]'
+WHERE status = 'pending' AND created_at >= $1
+"""
 # Which plan the prepared statement's last executions used.
 GENERIC_PLANS = "SELECT generic_plans FROM pg_prepared_statements WHERE name = 'bench_statement'"
 
@@ -1356,6 +1362,15 @@ async def table_sizes(url: str, history: int) -> dict[str, Any]:
     if history:
         sizes["mb_per_million"] = {name: round(size / 2**20 * 1e6 / history, 1) for name, size in megabytes.items()}
     return sizes
+
+
+async def database_time(url: str) -> datetime:
+    """PostgreSQL's clock, now."""
+    connection = await asyncpg.connect(url)
+    try:
+        return await connection.fetchval("SELECT clock_timestamp()")
+    finally:
+        await connection.close()
 
 
 async def sample_ids(url: str, wanted: int) -> list[uuid.UUID]:
@@ -1692,8 +1707,10 @@ class ScaleBench:
 
     async def measure(self, url: str, history: int, backlog: int) -> dict[str, Any]:
         """Everything one combination reports: the statements' plans and costs in the database, the
-        claim as the service runs it, reads then enqueue over HTTP (WORKER_CONCURRENCY=0: the backlog
-        stays), pickup (at B=0 only: a worker would chew the backlog), and the share of HOT updates."""
+        claim as the service runs it, enqueue then reads over HTTP (WORKER_CONCURRENCY=0, so that
+        the backlog stays; the enqueue's jobs are completed in between, so that the reads see the
+        backlog the row names), pickup (at B=0 only: a worker would chew the backlog), and the
+        share of HOT updates among the service's updates after the enqueue."""
         self.say(f"history {count_text(history)}, backlog {count_text(backlog)}: timing statements")
         ids = await sample_ids(url, self.scale.sample_ids)
         statements, skipped = await time_statements(url, ids[0] if ids else uuid.uuid4(), self.scale.explain_runs)
@@ -1702,13 +1719,14 @@ class ScaleBench:
             claim = await claim_as_service(connection, self.scale.claim_runs)
         finally:
             await connection.close()
-        updates_before = await update_counts(url)
         name = f"scale-{count_text(history)}-{count_text(backlog)}"
         async with self.bench.services(name, url, WORKER_CONCURRENCY=0) as [service]:
-            # Reads first: the enqueue leaves its jobs pending (no worker), a backlog of its own.
-            self.say(f"history {count_text(history)}, backlog {count_text(backlog)}: reads and enqueue")
-            reads = await self.reads(service, ids or await sample_ids(url, self.scale.sample_ids))
+            self.say(f"history {count_text(history)}, backlog {count_text(backlog)}: enqueue and reads")
+            since = await database_time(url)
             enqueue = (await self.bench.load([service], post_job, self.bench.plan.seconds)).summary()
+            enqueue["completed_before_reads"] = await self.complete_enqueued(url, since)
+            updates_before = await update_counts(url)  # the service's own updates from here on
+            reads = await self.reads(service, ids or await sample_ids(url, self.scale.sample_ids))
         result: dict[str, Any] = {"history": history, "backlog": backlog, "settings": self.settings()}
         result |= {"enqueue": enqueue, "reads": reads, "statements": statements, "skipped": skipped}
         result["claim_as_service"] = claim
@@ -1756,6 +1774,18 @@ class ScaleBench:
             window = await self.bench.load([service], request, self.bench.plan.seconds, self.scale.read_clients)
             results[label] = window.summary() | ({"page_jobs": pages[label]} if label in pages else {})
         return results
+
+    async def complete_enqueued(self, url: str, since: datetime) -> int:
+        """Mark the enqueue's jobs (created since `since`) completed, as a worker would, so that the
+        reads after it see the backlog the row names, not the enqueue's jobs too (no worker runs:
+        it would drain the backlog). Returns how many; their statistics are flushed at once."""
+        connection = await asyncpg.connect(url)
+        try:
+            done = await connection.execute(COMPLETE_ENQUEUED, since)
+            await connection.execute("SELECT pg_stat_force_next_flush()")
+        finally:
+            await connection.close()
+        return int(done.split()[-1])
 
     @staticmethod
     async def get(session: aiohttp.ClientSession, url: str) -> bool:
@@ -2063,13 +2093,18 @@ def scale_markdown(
     results: list[dict[str, Any]], fills: list[dict[str, Any]], retention: dict[str, Any], bursts: list[dict[str, Any]]
 ) -> str:
     """The scale run as markdown: HTTP latencies, the statements, the claim's plans, the sizes, the targets."""
-    hot = [f"history {count_text(r['history'])}: {r['hot_updates']['ratio']:g}" for r in results if "hot_updates" in r]
+    hot = [
+        f"history {count_text(r['history'])}: {r['hot_updates']['ratio']:g} of {r['hot_updates']['updates']:,}"
+        for r in results
+        if "hot_updates" in r
+    ]
     filled = [f"{fill['what']}: {fill['seconds']:g} s ({fill['rows_per_second']:,} rows/s)" for fill in fills]
     skipped = results[0]["skipped"] if results else []
     return "\n".join(
         [
             f"Ratios: to the empty tables (history 0, backlog 0) of this run; over {SCALE_LATENCY_RATIO:g}x in bold.",
             "Pickup needs a worker, which would drain a backlog: it is measured at backlog 0 only.",
+            "The enqueue's jobs are marked completed before the reads: the reads see the backlog the row names.",
             "A listing whose page held another number of jobs on the empty tables has no ratio (`?status=failed`).",
             "/metrics counts pending jobs up to a bound: its ratio is shown, its own target judges it.",
             "The statements run under EXPLAIN ANALYZE in transactions rolled back; `service gets` is the plan"
@@ -2097,7 +2132,8 @@ def scale_markdown(
             "",
             *scale_targets(results, retention),
             "",
-            "HOT updates / all updates during enqueue and pickup (backlog 0): " + ("; ".join(hot) or "none"),
+            "HOT updates / the service's updates (its claims and completions during pickup, backlog 0): "
+            + ("; ".join(hot) or "none"),
             "",
             "Fills (insert and VACUUM ANALYZE): " + ("; ".join(filled) or "none"),
             "",
