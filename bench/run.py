@@ -6,40 +6,54 @@
     .venv/bin/python bench/run.py --quick      short windows and few jobs: a sanity run
     .venv/bin/python bench/run.py --only enqueue,pickup --env DB_POOL_MAX_SIZE=20
     .venv/bin/python bench/run.py --scale      how costs grow with history and backlog: 0, 1M, 10M
-                                               finished jobs x 0, 1M pending (about 9 minutes, 15 GB free)
-    .venv/bin/python bench/run.py --scale --quick                          0 and 100k of each: about a minute
-    .venv/bin/python bench/run.py --scale --scale-sizes 0,1M --scale-backlogs 0,1M     about 3 minutes
+                                               finished jobs x 0, 1M pending (about 11 minutes, 15 GB free)
+    .venv/bin/python bench/run.py --scale --quick                     0 and 100k of each: about 2.5 minutes
+    .venv/bin/python bench/run.py --scale --scale-sizes 0,1M --scale-backlogs 0,1M     about 5 minutes
 
 It starts its own PostgreSQL (the embedded one, or the server DATABASE_URL names, whose role
 must be allowed to create databases) and gives each scenario a fresh database. This process
 is the load generator (aiohttp); every service is a process of its own. Each scenario prints
 one JSON line with its settings and results; a markdown table of the targets follows.
 
-    ceiling        32 asyncpg connections run the service's own INSERT ... RETURNING, no HTTP:
-                   the most jobs per second this machine accepts (also shown without triggers)
+    ceiling        32 asyncpg connections run the service's own INSERT_JOB, no HTTP: the most single-row
+                   jobs per second this machine accepts with the service's schema
+    raw insert     the same load with INSERT INTO jobs (num_images) VALUES (1): PostgreSQL's own CPU
+                   per inserted row, the baseline of the enqueue's PostgreSQL CPU
     health         GET /health: how fast this generator can go, so that it is known not to be
                    what limits the numbers below
-    enqueue        32 clients POST {"numImages": 1}          >= 0.7 x ceiling, <= 1 ms service CPU each
+    enqueue        32 clients POST {"numImages": 1}          >= 0.7 x ceiling, <= 1 ms service CPU each,
+                                                             PostgreSQL CPU <= 1.3 x a raw insert's
+    batch          8 clients POST /generations/batch, 1,000 jobs each (WORKER_CONCURRENCY=0)
+                                                             >= 3 x ceiling in jobs/s
     read           32 clients GET /generations/<id>
     pickup         idle service: POST's response -> completed     p50 <= 5 ms, p99 <= 20 ms
+                   also with the API and the worker in two processes (the NOTIFY goes through
+                   PostgreSQL), and so through PgBouncer in transaction mode: LISTEN straight to
+                   PostgreSQL (as fast as plain pickup), or through PgBouncer too, where no
+                   notification arrives and the worker polls (p99 <= WORKER_POLL_INTERVAL + 50 ms)
     drain          queued jobs completed per second              >= 1.0 x ceiling
-    slow provider  IMAGE_PROVIDER_DELAY=2, WORKER_CONCURRENCY=100   >= 0.9 x 50 jobs/s, 0 failed
+    slow provider  WORKER_CONCURRENCY=100, a provider that takes 2 s: the mock (IMAGE_PROVIDER_DELAY=2),
+                   and IMAGE_PROVIDER=http against a local provider process     >= 0.9 x 50 jobs/s, 0 failed
     two replicas   enqueue and drain with two service processes: the ratio to one
     memory         the services' peak RSS (VmHWM)               <= 80 MB
 
     scale          (--scale, a run of its own) tables of H finished and B pending jobs, built in
                    the database with generate_series; for each H and B: enqueue (no worker, so the
-                   backlog stays), GET by id, the first page of three listings, /metrics if the
-                   service has it, pickup (at B=0 only), the service's own statements under
-                   EXPLAIN ANALYZE (custom and generic plans, buffers), table and index sizes,
-                   HOT updates, and retention if the service has JOB_RETENTION_SECONDS
-                   every latency <= 1.5 x its value on empty tables, claim <= 5 ms at 1M pending,
-                   retention >= 50,000 rows/s with claims' p99 <= 20 ms
+                   backlog stays), GET by id, the first page of three listings, GET /metrics,
+                   pickup (at B=0 only), the service's own statements under EXPLAIN ANALYZE (custom
+                   and generic plans, buffers), the claim as the service runs it (asyncpg's named
+                   prepared statement: the plan PostgreSQL settles on), table and index sizes, HOT
+                   updates, retention (JOB_RETENTION_SECONDS), and for each backlog a burst: the
+                   claim's plan and time before it, just after it, and once autovacuum analyzed
+                   every latency <= 1.5 x its value on empty tables (but /metrics, which counts
+                   pending jobs up to a bound), claim <= 5 ms at 1M pending, /metrics p50 <= 50 ms
+                   with a backlog, retention >= 50,000 rows/s with claims' p99 <= 20 ms
 
 The targets compare numbers of the same round, because the machine is shared: PostgreSQL,
 the services and this generator run on the same cores, and so may other programs. Each load
 window reports the cores every party kept busy ("other" is everything else on the machine)
-and the CPU milliseconds each spent per request or job.
+and the CPU milliseconds each spent per request or job: the services, PostgreSQL, this
+generator, and where there is one, the stand-in provider.
 """
 
 import argparse
@@ -59,8 +73,9 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from datetime import UTC, datetime, timedelta
 from functools import partial
 from importlib.util import find_spec
@@ -69,14 +84,16 @@ from typing import Any
 
 import aiohttp
 import asyncpg
+from aiohttp import web
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import app  # noqa: E402  the scale run times the service's own statements, by name
-from app import INSERT_JOB  # noqa: E402  the ceiling runs the very statement the service runs
+from app import CLAIM_JOBS, INSERT_JOB, setup_connection  # noqa: E402  the very statements the service runs
 from scripts.pg import EmbeddedPostgres  # noqa: E402
-from scripts.service import Service  # noqa: E402
+from scripts.pgbouncer import PgBouncer  # noqa: E402
+from scripts.service import Service, free_port  # noqa: E402
 
 SCHEMA = (ROOT / "schema.sql").read_text()
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -84,9 +101,11 @@ JSON_HEADERS = {"Content-Type": "application/json"}
 ONE_IMAGE = b'{"numImages": 1}'
 NAN = float("nan")  # a rate or percentile of nothing
 
+# The least a job costs PostgreSQL: one row with the service's schema, nothing returned.
+RAW_INSERT = "INSERT INTO jobs (num_images) VALUES (1)"
 # Queue jobs the way a burst of POSTs would, in one statement.
 QUEUE_JOBS = "INSERT INTO jobs (num_images) SELECT 1 FROM generate_series(1, $1)"
-# Wake the workers as the service does for new jobs; harmless when a trigger did already.
+# Wake the workers as the service does once new jobs are committed (they would poll otherwise).
 ANNOUNCE_NEW_JOBS = "SELECT pg_notify('generations_new', '')"
 WATCH_INTERVAL = 0.05  # seconds between two counts of the ended jobs
 ENDED_JOBS = "SELECT count(*) FROM jobs WHERE status IN ('completed', 'failed', 'cancelled')"
@@ -100,10 +119,15 @@ FROM generate_series(1, $1)
 RETURNING id
 """
 
-# The targets, from the issue.
+# The targets, from the issues.
 ENQUEUE_TO_CEILING, ENQUEUE_CPU_MS = 0.7, 1.0
+ENQUEUE_POSTGRES_CPU_TO_RAW = 1.3  # PostgreSQL's CPU per POST over its CPU per raw insert
+BATCH_TO_CEILING = 3.0  # jobs/s through POST /generations/batch over the single-row INSERT_JOB ceiling
 DRAIN_TO_CEILING = 1.0
 PICKUP_P50_MS, PICKUP_P99_MS = 5.0, 20.0
+# "As fast" through PgBouncer (LISTEN straight to PostgreSQL): p50 within this much of the plain pickup's.
+BOUNCED_PICKUP_RATIO = 1.25
+POLLED_PICKUP_MARGIN_MS = 50.0  # polling alone: p99 <= WORKER_POLL_INTERVAL + this
 SLOW_TO_IDEAL = 0.9
 PEAK_RSS_MB = 80.0
 # The generator is shown not to be the limit when it drives a trivial endpoint this much faster.
@@ -118,9 +142,13 @@ class Plan:
     warmup: float = 1.0
     seconds: float = 10.0
     health_seconds: float = 5.0
+    batch_clients: int = 8
+    batch_size: int = 1_000  # jobs per POST /generations/batch: the most the service takes
     read_jobs: int = 10_000
     pickup_jobs: int = 200
     pickup_gap: float = 0.02  # between two pickup jobs, so that each finds the service idle
+    bouncer_pool_size: int = 10  # PgBouncer's server connections per database
+    polled_interval: float = 0.2  # WORKER_POLL_INTERVAL where notifications cannot arrive
     drain_jobs: int = 10_000
     drain_concurrency: tuple[int, ...] = (20, 100)  # 20 is the default; two replicas use the last
     slow_jobs: int = 2_000
@@ -148,8 +176,10 @@ def cpu_seconds(pid: int) -> float:
 
 
 def postgres_cpu_seconds(postmaster: int) -> float:
-    """CPU time of a PostgreSQL server so far: the postmaster and every process it started."""
-    total = cpu_seconds(postmaster)
+    """CPU time of a PostgreSQL server so far: the postmaster, every process it runs, and those that
+    have exited (a reaped child's time is added to its parent's cutime and cstime)."""
+    fields = proc_stat(postmaster)
+    total = sum(int(field) for field in fields[11:15]) / CLOCK_TICKS
     for pid in (int(entry) for entry in os.listdir("/proc") if entry.isdigit()):
         with contextlib.suppress(OSError):  # a backend may exit while we look
             if int(proc_stat(pid)[1]) == postmaster:
@@ -173,10 +203,12 @@ def peak_rss_mb(pid: int) -> float:
 
 @dataclasses.dataclass
 class CpuMeter:
-    """Reads the CPU seconds used so far by the services, PostgreSQL and this generator."""
+    """Reads the CPU seconds used so far by the services, PostgreSQL, this generator, and other
+    processes of the bench's own (the stand-in provider, PgBouncer), each a party of its own."""
 
     services: list[Service]
     postmaster: int | None  # None: PostgreSQL is not ours to measure (DATABASE_URL)
+    others: dict[str, int] = dataclasses.field(default_factory=dict)  # party -> process id
 
     def read(self) -> dict[str, float]:
         """CPU seconds per party, now; "other" is the rest of the machine (other programs, the kernel)."""
@@ -187,6 +219,7 @@ class CpuMeter:
         }
         if self.postmaster is not None:
             seconds["postgres"] = postgres_cpu_seconds(self.postmaster)
+        seconds |= {party: cpu_seconds(pid) for party, pid in self.others.items()}
         seconds["other"] = machine_busy_seconds() - sum(seconds.values())
         return seconds
 
@@ -194,14 +227,42 @@ class CpuMeter:
 def cpu_shares(
     before: dict[str, float], after: dict[str, float], seconds: float, done: int, unit: str
 ) -> dict[str, dict[str, float]]:
-    """The cores each party kept busy over `seconds`, and the CPU milliseconds it spent per `unit`."""
+    """The cores each party kept busy over `seconds`, the CPU seconds it used, and the CPU
+    milliseconds it spent per `unit`."""
     used = {party: after[party] - before[party] for party in before}
     if not seconds or not done:
         return {}
     return {
         "cores": {party: round(cpu / seconds, 2) for party, cpu in used.items()},
+        "cpu_s": {party: round(cpu, 3) for party, cpu in used.items()},
         f"cpu_ms_per_{unit}": {party: round(cpu * 1000 / done, 3) for party, cpu in used.items() if party != "other"},
     }
+
+
+# What PostgreSQL has written so far, server-wide and exact (no statistics lag): the next
+# transaction id (only a transaction that writes takes one, a NOTIFY included) and the WAL position.
+WRITE_COUNTERS = """
+SELECT pg_snapshot_xmax(pg_current_snapshot())::text::float8, (pg_current_wal_insert_lsn() - '0/0')::float8
+"""
+# Reads PostgreSQL's write counters: write_xacts, wal_bytes.
+Counters = Callable[[], Awaitable[dict[str, float]]]
+
+
+async def write_counters(server_url: str) -> dict[str, float]:
+    """The write transactions and WAL bytes the server has produced so far (other databases' too)."""
+    connection = await asyncpg.connect(server_url)
+    try:
+        xids, wal = await connection.fetchrow(WRITE_COUNTERS)
+    finally:
+        await connection.close()
+    return {"write_xacts": xids, "wal_bytes": wal}
+
+
+def per_unit(before: dict[str, float], after: dict[str, float], done: int, unit: str) -> dict[str, float]:
+    """Each counter's growth per `unit`, e.g. write_xacts_per_request (none if not read)."""
+    if not before or not after or not done:
+        return {}
+    return {f"{name}_per_{unit}": round((after[name] - before[name]) / done, 2) for name in before}
 
 
 def percentiles_ms(durations: list[float], *wanted: int) -> dict[str, float]:
@@ -226,6 +287,7 @@ class Window:
     """One load run: clients busy through a warm-up, then a measured window."""
 
     meter: CpuMeter
+    counters: Counters | None = None  # PostgreSQL's write counters, read with the CPU
     latencies: list[float] = dataclasses.field(default_factory=list)
     errors: int = 0
     measuring: bool = False
@@ -233,18 +295,24 @@ class Window:
     seconds: float = 0.0
     cpu_before: dict[str, float] = dataclasses.field(default_factory=dict)
     cpu_after: dict[str, float] = dataclasses.field(default_factory=dict)
+    counts_before: dict[str, float] = dataclasses.field(default_factory=dict)
+    counts_after: dict[str, float] = dataclasses.field(default_factory=dict)
 
     async def run(self, operations: list[Operation], warmup: float, seconds: float) -> None:
         """Run every operation back to back in its own task; keep what ends inside the window."""
         tasks = [asyncio.create_task(self._loop(operation)) for operation in operations]
         try:
             await asyncio.sleep(warmup)  # connections opened, statements prepared, caches warm
+            if self.counters:
+                self.counts_before = await self.counters()
             self.cpu_before, start = self.meter.read(), time.perf_counter()
             self.measuring = True
             await asyncio.sleep(seconds)
             self.measuring = False
             self.seconds = time.perf_counter() - start
             self.cpu_after = self.meter.read()
+            if self.counters:
+                self.counts_after = await self.counters()
         finally:
             self.over = True
             await asyncio.gather(*tasks)
@@ -264,7 +332,7 @@ class Window:
                     self.errors += 1
 
     def summary(self, unit: str = "request") -> dict[str, Any]:
-        """Rate, latency percentiles, errors, and the CPU each party used meanwhile."""
+        """Rate, latency percentiles, errors, the CPU each party used meanwhile, and PostgreSQL's writes."""
         done = len(self.latencies)
         return {
             f"{unit}s": done,
@@ -272,6 +340,7 @@ class Window:
             **percentiles_ms(self.latencies, 50, 99),
             "errors": self.errors,
             **cpu_shares(self.cpu_before, self.cpu_after, self.seconds, done, unit),
+            **per_unit(self.counts_before, self.counts_after, done, unit),
         }
 
 
@@ -302,17 +371,20 @@ async def post_job(session: aiohttp.ClientSession, url: str) -> bool:
 
 
 class Completions:
-    """When each job ended, as heard on `generations_done` (its payload is the job id)."""
+    """When each job ended, as heard on `generations_done` (its payload: the ids of jobs that ended,
+    separated by spaces, as the service announces them after they commit)."""
 
     def __init__(self) -> None:
         self.at: dict[str, float] = {}
         self.waiting: dict[str, asyncio.Future[float]] = {}
 
-    def arrived(self, connection: object, pid: int, channel: str, job_id: str) -> None:
-        """asyncpg's listener callback: note the moment, wake whoever waits for this job."""
-        self.at[job_id] = time.perf_counter()
-        if (waiter := self.waiting.pop(job_id, None)) and not waiter.done():
-            waiter.set_result(self.at[job_id])
+    def arrived(self, connection: object, pid: int, channel: str, payload: str) -> None:
+        """asyncpg's listener callback: note the moment, wake whoever waits for these jobs."""
+        now = time.perf_counter()
+        for job_id in payload.split():
+            self.at[job_id] = now
+            if (waiter := self.waiting.pop(job_id, None)) and not waiter.done():
+                waiter.set_result(now)
 
     async def of(self, job_id: str) -> float:
         """When the job ended (a perf_counter time), waiting for it if it has not yet."""
@@ -334,6 +406,81 @@ async def listening(url: str) -> AsyncIterator[Completions]:
         await connection.close()
 
 
+# --- A stand-in image provider -----------------------------------------------------------
+
+
+def serve_provider(port: int, delay: float) -> None:
+    """Run the stand-in provider until SIGTERM (in a process of its own: `--serve-provider PORT:DELAY`).
+
+    POST /generate answers IMAGE_PROVIDER=http's request after `delay` seconds with numImages
+    URLs; GET /calls says how many calls it has answered so far.
+    """
+    calls = 0
+
+    async def generate(request: web.Request) -> web.Response:
+        """One provider call: wait, then as many pictures as asked for."""
+        nonlocal calls
+        body = await request.json()
+        await asyncio.sleep(delay)
+        calls += 1
+        animal, count = body["animal"], body["numImages"]
+        urls = [f"https://placehold.co/512x512/png?text=a+cute+{animal}+{i}" for i in range(1, count + 1)]
+        return web.json_response({"imageUrls": urls})
+
+    async def count_calls(request: web.Request) -> web.Response:
+        """How many calls were answered."""
+        return web.json_response({"calls": calls})
+
+    provider = web.Application()
+    provider.add_routes([web.post("/generate", generate), web.get("/calls", count_calls)])
+    web.run_app(provider, host="127.0.0.1", port=port, print=None, access_log=None, shutdown_timeout=1)
+
+
+class Provider:
+    """The stand-in provider's process (see serve_provider), started and stopped by its PID."""
+
+    def __init__(self, delay: float, log_path: Path) -> None:
+        self.delay, self.log_path = delay, log_path
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self, ready_within: float = 30.0) -> "Provider":
+        """Start the process and wait until it answers."""
+        with self.log_path.open("ab") as log:
+            command = [sys.executable, __file__, "--serve-provider", f"{self.port}:{self.delay}"]
+            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + ready_within
+        while True:
+            with contextlib.suppress(OSError):
+                self.calls()
+                return self
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"the stand-in provider did not start; its log:\n{self.log_path.read_text()}")
+            time.sleep(0.05)
+
+    def calls(self) -> int:
+        """How many calls it has answered so far."""
+        with urllib.request.urlopen(self.url + "/calls", timeout=2) as response:
+            return json.load(response)["calls"]
+
+    def pid(self) -> int:
+        """The process id."""
+        assert self.process is not None
+        return self.process.pid
+
+    def stop(self) -> None:
+        """SIGTERM by its PID; SIGKILL if it lingers."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
 # --- The bench -----------------------------------------------------------------------------
 
 
@@ -349,6 +496,19 @@ def stop_service(service: Service) -> None:
         service.stop(signal.SIGTERM, within=30)
     except subprocess.TimeoutExpired:
         service.kill()
+
+
+def listen_connected(service: Service) -> float:
+    """The service's generations_listen_connected gauge: 1 while its notifications arrive, else 0."""
+    with urllib.request.urlopen(service.url + "/metrics", timeout=5) as response:
+        found = re.search(r"^generations_listen_connected (\S+)$", response.read().decode(), re.MULTILINE)
+    return float(found.group(1)) if found else NAN
+
+
+# The pickup scenarios' labels, which others use as baselines.
+PICKUP_APART = "pickup, API and worker apart"
+PICKUP_BOUNCED = "pickup via PgBouncer, LISTEN direct"
+PICKUP_POLLED = "pickup via PgBouncer, LISTEN via PgBouncer (polling)"
 
 
 @dataclasses.dataclass
@@ -382,7 +542,7 @@ class Bench:
                 await admin.close()
 
     @contextlib.asynccontextmanager
-    async def services(self, name: str, url: str, count: int = 1, **env: float) -> AsyncIterator[list[Service]]:
+    async def services(self, name: str, url: str, count: int = 1, **env: str | float) -> AsyncIterator[list[Service]]:
         """`count` service processes on `url`; stopped afterwards, their peak RSS noted."""
         started: list[Service] = []
         try:
@@ -398,19 +558,23 @@ class Bench:
                         self.peak_rss[name] = max(self.peak_rss.get(name, 0.0), rss)
                     stop_service(service)
 
-    def service_env(self, **env: float) -> dict[str, Any]:
+    def service_env(self, **env: str | float) -> dict[str, Any]:
         """What a service is given beyond its defaults: --env, then the scenario's own settings."""
         return {**self.env, **env}
 
-    def meter(self, services: list[Service]) -> CpuMeter:
-        """A CPU meter for these services, PostgreSQL (when it is ours) and this process."""
-        return CpuMeter(services, self.postmaster)
+    def meter(self, services: list[Service], others: Mapping[str, int] | None = None) -> CpuMeter:
+        """A CPU meter for these services, PostgreSQL (when it is ours), this process, and `others`."""
+        return CpuMeter(services, self.postmaster, dict(others or {}))
+
+    def window(self, services: list[Service]) -> Window:
+        """A load window that meters these services' CPU and the others', and PostgreSQL's writes."""
+        return Window(self.meter(services), partial(write_counters, self.server_url))
 
     async def load(
         self, services: list[Service], request: HttpRequest, seconds: float, clients: int | None = None
     ) -> Window:
         """`clients` (default plan.clients) HTTP clients, spread evenly over the services, each sending `request`."""
-        window = Window(self.meter(services))
+        window = self.window(services)
         async with http_session() as session:
             count = clients or self.plan.clients
             loops = [partial(request, session, services[i % len(services)].url) for i in range(count)]
@@ -427,21 +591,24 @@ class Bench:
             return NAN
         return round(result["per_second"] / self.results[baseline]["per_second"], 3)
 
+    def baseline_cpu(self, label: str, unit: str, party: str) -> float:
+        """A party's CPU ms per `unit` in an earlier scenario of this round (NaN if it did not run)."""
+        return self.results.get(label, {}).get(f"cpu_ms_per_{unit}", {}).get(party, NAN)
+
     # Scenarios: each returns its settings and results.
 
-    async def ceiling(self, triggers: bool = True) -> dict[str, Any]:
-        """32 asyncpg connections run single-row INSERT ... RETURNING: no HTTP, no service."""
-        async with self.database("ceiling") as url:
+    async def inserts(self, name: str, label: str, statement: str, *parameters: Any) -> dict[str, Any]:
+        """plan.clients asyncpg connections run one INSERT back to back: no HTTP, no service."""
+        async with self.database(name) as url:
             connections = [await asyncpg.connect(url) for _ in range(self.plan.clients)]
             try:
-                if not triggers:  # shows what the NOTIFY of each new job costs
-                    await connections[0].execute("ALTER TABLE jobs DISABLE TRIGGER USER")
 
                 async def insert(connection: asyncpg.Connection) -> bool:
-                    """Accept one job as the service does."""
-                    return await connection.fetchrow(INSERT_JOB, 1, None) is not None
+                    """One insert, a prepared statement as asyncpg's statement cache makes it."""
+                    await connection.fetch(statement, *parameters)
+                    return True
 
-                window = Window(self.meter([]))
+                window = self.window([])
                 await window.run([partial(insert, c) for c in connections], self.plan.warmup, self.plan.seconds)
             finally:
                 await asyncio.gather(*(connection.close() for connection in connections))
@@ -449,10 +616,20 @@ class Bench:
             "connections": self.plan.clients,
             "warmup_s": self.plan.warmup,
             "seconds": self.plan.seconds,
-            "statement": "app.INSERT_JOB",
-            "triggers": triggers,
+            "statement": label,
         }
         return {"settings": settings, **window.summary("insert")}
+
+    async def ceiling(self) -> dict[str, Any]:
+        """The service's own single-row INSERT_JOB ... RETURNING: the most jobs per second this machine
+        accepts one row at a time with the service's schema, the baseline of enqueue, batch and drain."""
+        return await self.inserts("ceiling", "app.INSERT_JOB", INSERT_JOB, 1, None)
+
+    async def raw_insert(self) -> dict[str, Any]:
+        """INSERT INTO jobs (num_images) VALUES (1), nothing returned: the least a job costs PostgreSQL
+        with this schema (its indexes included), the baseline of the enqueue's PostgreSQL CPU."""
+        result = await self.inserts("raw_insert", RAW_INSERT, RAW_INSERT)
+        return {**result, "ratio_to_ceiling": self.ratio(result, "ceiling")}
 
     async def http(self, name: str, request: HttpRequest, seconds: float, replicas: int = 1) -> dict[str, Any]:
         """A closed-loop HTTP load on `replicas` services with default settings in a fresh database."""
@@ -466,14 +643,52 @@ class Bench:
         return await self.http("health", get_health, self.plan.health_seconds)
 
     async def enqueue(self) -> dict[str, Any]:
-        """POST {"numImages": 1} from every client."""
+        """POST {"numImages": 1} from every client: the rate against the ceiling, the CPU each POST
+        costs the service and PostgreSQL, and PostgreSQL's over its CPU per raw insert."""
         result = await self.http("enqueue", post_job, self.plan.seconds)
-        return {**result, "ratio_to_ceiling": self.ratio(result, "ceiling")}
+        postgres = result.get("cpu_ms_per_request", {}).get("postgres", NAN)
+        return {
+            **result,
+            "ratio_to_ceiling": self.ratio(result, "ceiling"),
+            "postgres_cpu_to_raw_insert": ratio_to(postgres, self.baseline_cpu("raw insert", "insert", "postgres")),
+        }
 
     async def enqueue_two_replicas(self) -> dict[str, Any]:
         """Enqueue, the clients split over two service processes."""
         result = await self.http("enqueue_replicas", post_job, self.plan.seconds, replicas=2)
         return {**result, "ratio_to_one": self.ratio(result, "enqueue")}
+
+    async def batch(self) -> dict[str, Any]:
+        """POST /generations/batch with plan.batch_size jobs each from plan.batch_clients clients, to a
+        service with WORKER_CONCURRENCY=0 so that no worker competes for the cores: jobs accepted per
+        second (per_second counts jobs) against the single-row ceiling, and each party's CPU per job."""
+        body = json.dumps({"jobs": [{"numImages": 1}] * self.plan.batch_size}).encode()
+
+        async def post_batch(session: aiohttp.ClientSession, url: str) -> bool:
+            """POST one batch."""
+            return await http_status(session.post(url + "/generations/batch", data=body, headers=JSON_HEADERS)) == 202
+
+        env = {"WORKER_CONCURRENCY": 0}
+        async with self.database("batch") as url, self.services("batch", url, **env) as services:
+            window = await self.load(services, post_batch, self.plan.seconds, self.plan.batch_clients)
+        requests = window.summary()
+        jobs = requests["requests"] * self.plan.batch_size
+        settings = self.http_settings(
+            self.plan.seconds,
+            clients=self.plan.batch_clients,
+            jobs_per_request=self.plan.batch_size,
+            service=self.service_env(**env),
+        )
+        result = {
+            "settings": settings,
+            **requests,
+            "requests_per_second": requests["per_second"],
+            "jobs": jobs,
+            "per_second": round(jobs / window.seconds, 1),
+            **cpu_shares(window.cpu_before, window.cpu_after, window.seconds, jobs, "job"),
+            **per_unit(window.counts_before, window.counts_after, jobs, "job"),
+        }
+        return {**result, "ratio_to_ceiling": self.ratio(result, "ceiling")}
 
     async def read(self) -> dict[str, Any]:
         """GET /generations/<id> of completed jobs, picked at random."""
@@ -493,15 +708,74 @@ class Bench:
         return {"settings": settings, **window.summary()}
 
     async def pickup(self) -> dict[str, Any]:
-        """Jobs posted one at a time to an idle service: from the POST's response to completed."""
+        """Jobs posted one at a time to an idle service: from the POST's response to completed. The
+        POST wakes the worker of its own process directly."""
         env = {"IMAGE_PROVIDER_DELAY": 0}
         async with self.database("pickup") as url, self.services("pickup", url, **env) as [service]:
             result = await self.pickup_on(service, url)
         settings = {"jobs": self.plan.pickup_jobs, "gap_s": self.plan.pickup_gap, "service": self.service_env(**env)}
         return {"settings": settings, **result}
 
-    async def pickup_on(self, service: Service, url: str) -> dict[str, Any]:
-        """Pickup latencies of plan.pickup_jobs jobs posted one at a time to this running service."""
+    async def pickup_apart(
+        self, name: str, bouncer: PgBouncer | None = None, listen_through_bouncer: bool = False, **env: str | float
+    ) -> dict[str, Any]:
+        """Pickup with the API and the worker in two processes (the one taking the POSTs runs with
+        WORKER_CONCURRENCY=0), so that the new job's NOTIFY must go through PostgreSQL to wake the
+        worker, as with replicas. With `bouncer`, both services' DATABASE_URL goes through it, with
+        DB_STATEMENT_CACHE_SIZE=0, and their LISTEN_DATABASE_URL straight to PostgreSQL or through it too."""
+        async with self.database(name) as url:
+            services_url, routing = url, {"IMAGE_PROVIDER_DELAY": 0, **env}
+            if bouncer is not None:
+                services_url = bouncer.url(url.partition("?")[0].rsplit("/", 1)[1])
+                listen_url = services_url if listen_through_bouncer else url
+                routing |= {"DB_STATEMENT_CACHE_SIZE": 0, "LISTEN_DATABASE_URL": listen_url}
+            async with (
+                self.services(f"{name}-api", services_url, WORKER_CONCURRENCY=0, **routing) as [api],
+                self.services(f"{name}-worker", services_url, **routing) as [worker],
+            ):
+                jitter = float(env.get("WORKER_POLL_INTERVAL", 0.0))
+                result = await self.pickup_on(api, url, jitter)
+                result["worker_listen_connected"] = listen_connected(worker)
+        shown = {name: value for name, value in routing.items() if not name.endswith("_URL")}
+        settings = {
+            "jobs": self.plan.pickup_jobs,
+            "gap_s": self.plan.pickup_gap,
+            "gap_jitter_s": jitter,
+            "database": f"PgBouncer, transaction mode, pool {self.plan.bouncer_pool_size}" if bouncer else "direct",
+            "listen": "PgBouncer" if listen_through_bouncer else "direct",
+            "api": self.service_env(WORKER_CONCURRENCY=0, **shown),
+            "worker": self.service_env(**shown),
+        }
+        return {"settings": settings, **result}
+
+    async def pickup_bounced(self, listen_through_bouncer: bool) -> dict[str, Any]:
+        """pickup_apart through PgBouncer in transaction mode (PgBouncer 1.18: no prepared statements
+        across transactions, hence DB_STATEMENT_CACHE_SIZE=0). LISTEN straight to PostgreSQL: is it as
+        fast as plain pickup? LISTEN through PgBouncer too: no notification can arrive, so the worker
+        polls every plan.polled_interval seconds (WORKER_POLL_INTERVAL): is p99 within one interval?"""
+        bouncer = PgBouncer(self.server_url, pool_size=self.plan.bouncer_pool_size)
+        try:
+            bouncer.start()
+        except RuntimeError as error:  # not installed, and we may not install it
+            bouncer.stop()
+            return {"skipped": f"no PgBouncer: {error}"[:500]}
+        try:
+            env = {"WORKER_POLL_INTERVAL": self.plan.polled_interval} if listen_through_bouncer else {}
+            name = "pickup_bounced_polled" if listen_through_bouncer else "pickup_bounced"
+            result = await self.pickup_apart(name, bouncer, listen_through_bouncer, **env)
+        finally:
+            bouncer.stop()
+        baselines = {"plain": self.results.get("pickup", {}), "apart": self.results.get(PICKUP_APART, {})}
+        for base, baseline in baselines.items():
+            for p in (50, 99):
+                result[f"p{p}_to_{base}"] = ratio_to(result[f"p{p}_ms"], baseline.get(f"p{p}_ms", NAN))
+        return result
+
+    async def pickup_on(self, service: Service, url: str, jitter: float = 0.0) -> dict[str, Any]:
+        """Pickup latencies of plan.pickup_jobs jobs posted one at a time to this running service, the
+        next one plan.pickup_gap seconds after the last completed, plus up to `jitter` seconds at random
+        (a polling worker polls a fixed time after its last job: with a fixed gap, every job would
+        arrive at the same point of the poll interval)."""
         warmup_jobs = 10  # the pool opens connections and prepares statements on first use
         latencies: list[float] = []
         from_post: list[float] = []  # the whole way, for the POST's own share of it
@@ -517,7 +791,7 @@ class Bench:
                     early += completed < answered
                     latencies.append(max(0.0, completed - answered))
                     from_post.append(completed - posted)
-                await asyncio.sleep(self.plan.pickup_gap)
+                await asyncio.sleep(self.plan.pickup_gap + random.uniform(0, jitter))
         return {
             **percentiles_ms(latencies, 50, 90, 99),
             # Completions heard before the POST's answer was read count as 0 ms above; this many.
@@ -525,25 +799,28 @@ class Bench:
             "from_post": percentiles_ms(from_post, 50, 90, 99),
         }
 
-    async def complete(self, name: str, jobs: int, replicas: int = 1, **env: float) -> dict[str, Any]:
+    async def complete(
+        self, name: str, jobs: int, replicas: int = 1, others: Mapping[str, int] | None = None, **env: str | float
+    ) -> dict[str, Any]:
         """Queue `jobs` jobs in one statement for running services; time until all have ended.
 
         The time runs on PostgreSQL's clock, from just after the jobs were committed to the
-        last completed_at, so that watching (a count every WATCH_INTERVAL) adds no error.
+        last completed_at, so that watching (a count every WATCH_INTERVAL) adds no error. `others`
+        are more processes whose CPU counts, by party (the stand-in provider).
         """
         async with self.database(name) as url, self.services(name, url, replicas, **env) as services:
-            meter = self.meter(services)
+            meter = self.meter(services, others)
             connection = await asyncpg.connect(url)
             try:
                 await connection.execute(QUEUE_JOBS, jobs)
                 queued = await connection.fetchval("SELECT clock_timestamp()")
-                before = meter.read()
+                counts_before, before = await write_counters(self.server_url), meter.read()
                 await connection.execute(ANNOUNCE_NEW_JOBS)
                 for _ in range(int((60 + jobs / 50) / WATCH_INTERVAL)):  # bounded: a stuck service ends the wait
                     if await connection.fetchval(ENDED_JOBS) >= jobs:
                         break
                     await asyncio.sleep(WATCH_INTERVAL)
-                after = meter.read()
+                after, counts_after = meter.read(), await write_counters(self.server_url)
                 seconds = ((await connection.fetchval(LAST_ENDED) or queued) - queued).total_seconds()
                 statuses = dict(await connection.fetch(COUNT_BY_STATUS))
             finally:
@@ -557,6 +834,7 @@ class Bench:
             "per_second": round(completed / seconds, 1) if seconds else NAN,
             # CPU from the queued jobs' commit to the last count: the cores are an average over it.
             **cpu_shares(before, after, seconds, completed, "job"),
+            **per_unit(counts_before, counts_after, completed, "job"),  # the watch's counts are read-only
         }
 
     async def drain(self, concurrency: int) -> dict[str, Any]:
@@ -571,26 +849,57 @@ class Bench:
         result = await self.complete(f"drain_{concurrency}_replicas", self.plan.drain_jobs, replicas=2, **env)
         return {**result, "ratio_to_one": self.ratio(result, f"drain c={concurrency}")}
 
+    def against_ideal(self, result: dict[str, Any]) -> dict[str, Any]:
+        """A slow provider's result with its ratio to the ideal: every slot busy all the time."""
+        ideal = self.plan.slow_concurrency / self.plan.slow_delay
+        return {**result, "ideal_per_second": ideal, "ratio_to_ideal": round(result["per_second"] / ideal, 3)}
+
     async def slow_provider(self) -> dict[str, Any]:
-        """A provider that takes plan.slow_delay seconds, with plan.slow_concurrency slots."""
+        """The mock provider taking plan.slow_delay seconds (IMAGE_PROVIDER_DELAY), with
+        plan.slow_concurrency slots: does the worker keep every slot busy?"""
         plan = self.plan
         env = {"WORKER_CONCURRENCY": plan.slow_concurrency, "IMAGE_PROVIDER_DELAY": plan.slow_delay}
-        result = await self.complete("slow", plan.slow_jobs, **env)
-        ideal = plan.slow_concurrency / plan.slow_delay
-        return {**result, "ideal_per_second": ideal, "ratio_to_ideal": round(result["per_second"] / ideal, 3)}
+        return self.against_ideal(await self.complete("slow", plan.slow_jobs, **env))
+
+    async def slow_http_provider(self) -> dict[str, Any]:
+        """IMAGE_PROVIDER=http against the stand-in provider process, which answers after
+        plan.slow_delay seconds, with plan.slow_concurrency slots: the rate against the ideal, and
+        the service's CPU per provider call (the request and its answer through aiohttp, JSON, the
+        answer's checks, and the job's share of claims and writes)."""
+        plan = self.plan
+        provider = Provider(plan.slow_delay, self.logs / "provider.log").start()
+        try:
+            env = {
+                "WORKER_CONCURRENCY": plan.slow_concurrency,
+                "IMAGE_PROVIDER": "http",
+                "IMAGE_PROVIDER_URL": provider.url + "/generate",
+            }
+            result = await self.complete("slow_http", plan.slow_jobs, others={"provider": provider.pid()}, **env)
+            calls = provider.calls()
+        finally:
+            provider.stop()
+        service_cpu = result.get("cpu_s", {}).get("service", NAN)
+        result["provider_calls"] = calls
+        result["service_cpu_ms_per_call"] = round(service_cpu * 1000 / calls, 3) if calls else NAN
+        return self.against_ideal(result)
 
     async def run_round(self, only: set[str]) -> dict[str, dict[str, Any]]:
         """Every selected scenario once, each ratio's baseline first; print each result as it comes."""
         drains = self.plan.drain_concurrency
         scenarios: list[tuple[str, str, Callable[[], Awaitable[dict[str, Any]]]]] = [
             ("ceiling", "ceiling", self.ceiling),
-            ("ceiling without triggers", "ceiling", partial(self.ceiling, triggers=False)),
+            ("raw insert", "ceiling", self.raw_insert),
             ("health", "health", self.health),
             ("enqueue", "enqueue", self.enqueue),
+            ("batch", "batch", self.batch),
             ("read", "read", self.read),
             ("pickup", "pickup", self.pickup),
+            (PICKUP_APART, "pickup", partial(self.pickup_apart, "pickup_apart")),
+            (PICKUP_BOUNCED, "pgbouncer", partial(self.pickup_bounced, listen_through_bouncer=False)),
+            (PICKUP_POLLED, "pgbouncer", partial(self.pickup_bounced, listen_through_bouncer=True)),
             *((f"drain c={c}", "drain", partial(self.drain, c)) for c in drains),
-            ("slow provider", "slow", self.slow_provider),
+            ("slow provider (mock)", "slow", self.slow_provider),
+            ("slow provider (http)", "slow", self.slow_http_provider),
             ("two replicas: enqueue", "replicas", self.enqueue_two_replicas),
             (f"two replicas: drain c={drains[-1]}", "replicas", partial(self.drain_two_replicas, drains[-1])),
         ]
@@ -619,47 +928,181 @@ def median_of(rounds: list[Any]) -> Any:
     return round(statistics.median(rounds), 3)
 
 
-def describe(label: str, r: dict[str, Any], results: dict[str, dict[str, Any]]) -> tuple[str, str, bool | None]:
-    """A scenario's result in words, its target, and whether it is met (None: no target to judge)."""
-    if label.startswith("ceiling"):
-        return f"{r['per_second']:,.0f} inserts/s, p50 {r['p50_ms']} ms", "", None
-    if label == "health":
-        fastest = max(results.get(s, {}).get("per_second", 0) for s in ("enqueue", "read"))
-        text = f"{r['per_second']:,.0f} req/s, generator at {r['cores']['generator']} cores"
-        if not fastest:
-            return text, "", None
-        text += f" = {r['per_second'] / fastest:.1f} x the faster of enqueue and read"
-        return text, f">= {HEALTH_HEADROOM} x enqueue, read", r["per_second"] >= HEALTH_HEADROOM * fastest
-    if label in ("enqueue", "read"):
-        cpu = r["cpu_ms_per_request"]["service"]
-        text = f"{r['per_second']:,.0f} req/s, p50 {r['p50_ms']} ms, p99 {r['p99_ms']} ms, service {cpu} ms CPU/req"
-        if label == "read":
-            return text, "", None
-        ratio = r["ratio_to_ceiling"]
-        met = None if math.isnan(ratio) else ratio >= ENQUEUE_TO_CEILING and cpu <= ENQUEUE_CPU_MS
-        return f"{text}; {ratio} x ceiling", f">= {ENQUEUE_TO_CEILING} x ceiling, <= {ENQUEUE_CPU_MS:g} ms CPU/req", met
-    if label == "pickup":
-        met = r["p50_ms"] <= PICKUP_P50_MS and r["p99_ms"] <= PICKUP_P99_MS
-        text = f"p50 {r['p50_ms']} ms, p90 {r['p90_ms']} ms, p99 {r['p99_ms']} ms"
-        return text, f"p50 <= {PICKUP_P50_MS:g} ms, p99 <= {PICKUP_P99_MS:g} ms", met
-    if label.startswith("drain"):
-        ratio = r["ratio_to_ceiling"]
-        met = None if math.isnan(ratio) else ratio >= DRAIN_TO_CEILING and not r["failed"]
-        text = f"{r['per_second']:,.0f} jobs/s, {r['failed']} failed; {ratio} x ceiling"
-        return text, f">= {DRAIN_TO_CEILING} x ceiling", met
-    if label == "slow provider":
-        met = r["ratio_to_ideal"] >= SLOW_TO_IDEAL and not r["failed"]
-        text = (
-            f"{r['per_second']} jobs/s = {r['ratio_to_ideal']} x ideal {r['ideal_per_second']:g}, {r['failed']} failed"
+# A scenario's result in words, its target, and whether it is met (None: nothing to judge).
+Row = tuple[str, str, bool | None]
+
+
+def cpu_ms(result: dict[str, Any], unit: str, party: str) -> float:
+    """A party's CPU milliseconds per `unit` in a result (NaN if not measured)."""
+    return result.get(f"cpu_ms_per_{unit}", {}).get(party, NAN)
+
+
+def at_least(value: float, bound: float) -> bool | None:
+    """value >= bound; None when the value is unknown (its baseline did not run)."""
+    return None if math.isnan(value) else value >= bound
+
+
+def at_most(value: float, bound: float) -> bool | None:
+    """value <= bound; None when the value is unknown (its baseline did not run)."""
+    return None if math.isnan(value) else value <= bound
+
+
+def all_met(*checks: bool | None) -> bool | None:
+    """False if any check fails, else None if any could not be judged, else True."""
+    if False in checks:
+        return False
+    return None if None in checks else True
+
+
+def describe_inserts(label: str, r: dict[str, Any], results: dict[str, dict[str, Any]]) -> Row:
+    """ceiling and raw insert: the rate, and PostgreSQL's CPU per row."""
+    postgres = cpu_ms(r, "insert", "postgres")
+    text = f"{r['per_second']:,.0f} inserts/s, p50 {r['p50_ms']} ms, PostgreSQL {postgres} ms CPU/insert"
+    if "ratio_to_ceiling" in r:
+        text += f"; {r['ratio_to_ceiling']} x ceiling"
+    return text, "", None
+
+
+def describe_health(label: str, r: dict[str, Any], results: dict[str, dict[str, Any]]) -> Row:
+    """health: the generator's headroom over the fastest HTTP load."""
+    fastest = max(results.get(s, {}).get("per_second", 0) for s in ("enqueue", "read"))
+    text = f"{r['per_second']:,.0f} req/s, generator at {r['cores']['generator']} cores"
+    if not fastest:
+        return text, "", None
+    text += f" = {r['per_second'] / fastest:.1f} x the faster of enqueue and read"
+    return text, f">= {HEALTH_HEADROOM} x enqueue, read", r["per_second"] >= HEALTH_HEADROOM * fastest
+
+
+def describe_requests(label: str, r: dict[str, Any], results: dict[str, dict[str, Any]]) -> Row:
+    """enqueue and read: the rate, latencies, and the CPU per request of the service and PostgreSQL."""
+    service, postgres = cpu_ms(r, "request", "service"), cpu_ms(r, "request", "postgres")
+    text = (
+        f"{r['per_second']:,.0f} req/s, p50 {r['p50_ms']} ms, p99 {r['p99_ms']} ms;"
+        f" CPU/req: service {service} ms, PostgreSQL {postgres} ms"
+    )
+    if label != "enqueue":
+        return text, "", None
+    ratio, postgres_ratio = r["ratio_to_ceiling"], r["postgres_cpu_to_raw_insert"]
+    text += f" = {postgres_ratio} x a raw insert's; {ratio} x ceiling"
+    target = (
+        f">= {ENQUEUE_TO_CEILING} x ceiling, service <= {ENQUEUE_CPU_MS:g} ms CPU/req,"
+        f" PostgreSQL <= {ENQUEUE_POSTGRES_CPU_TO_RAW} x raw insert's CPU"
+    )
+    met = all_met(
+        at_least(ratio, ENQUEUE_TO_CEILING),
+        at_most(service, ENQUEUE_CPU_MS),
+        at_most(postgres_ratio, ENQUEUE_POSTGRES_CPU_TO_RAW),
+    )
+    return text, target, met
+
+
+def describe_batch(label: str, r: dict[str, Any], results: dict[str, dict[str, Any]]) -> Row:
+    """batch: jobs per second against the single-row ceiling, and each party's CPU per job."""
+    parties = ", ".join(f"{party} {cpu_ms(r, 'job', party)} ms" for party in ("service", "postgres", "generator"))
+    text = (
+        f"{r['per_second']:,.0f} jobs/s ({r['requests_per_second']:g} req/s, p50 {r['p50_ms']} ms,"
+        f" {r['errors']} errors); CPU/job: {parties}; {r['ratio_to_ceiling']} x ceiling"
+    )
+    target = f">= {BATCH_TO_CEILING:g} x ceiling (WORKER_CONCURRENCY=0)"
+    return text, target, all_met(at_least(r["ratio_to_ceiling"], BATCH_TO_CEILING), not r["errors"])
+
+
+def pickup_text(r: dict[str, Any]) -> str:
+    """A pickup's percentiles."""
+    return f"p50 {r['p50_ms']} ms, p90 {r['p90_ms']} ms, p99 {r['p99_ms']} ms"
+
+
+def describe_pickup(label: str, r: dict[str, Any], results: dict[str, dict[str, Any]]) -> Row:
+    """pickup, in one process or two: the absolute targets."""
+    text = pickup_text(r)
+    if "worker_listen_connected" in r:
+        text += f"; worker's generations_listen_connected {r['worker_listen_connected']:g}"
+    met = r["p50_ms"] <= PICKUP_P50_MS and r["p99_ms"] <= PICKUP_P99_MS
+    return text, f"p50 <= {PICKUP_P50_MS:g} ms, p99 <= {PICKUP_P99_MS:g} ms", met
+
+
+def describe_bounced(label: str, r: dict[str, Any], results: dict[str, dict[str, Any]]) -> Row:
+    """pickup through PgBouncer with LISTEN straight to PostgreSQL: as fast as plain pickup?"""
+    if "skipped" in r:
+        return r["skipped"], "", None
+    text = (
+        f"{pickup_text(r)}; p50 {r['p50_to_plain']} x plain pickup's ({r['p50_to_apart']} x apart),"
+        f" p99 {r['p99_to_plain']} x ({r['p99_to_apart']} x); listen_connected {r['worker_listen_connected']:g}"
+    )
+    target = f"as fast: p50 <= {BOUNCED_PICKUP_RATIO} x plain pickup's, p99 <= {PICKUP_P99_MS:g} ms"
+    return text, target, all_met(at_most(r["p50_to_plain"], BOUNCED_PICKUP_RATIO), r["p99_ms"] <= PICKUP_P99_MS)
+
+
+def describe_polled(label: str, r: dict[str, Any], results: dict[str, dict[str, Any]]) -> Row:
+    """pickup through PgBouncer with LISTEN through it too: within one poll interval?"""
+    if "skipped" in r:
+        return r["skipped"], "", None
+    bound = float(r["settings"]["worker"]["WORKER_POLL_INTERVAL"]) * 1000 + POLLED_PICKUP_MARGIN_MS
+    text = f"{pickup_text(r)}; listen_connected {r['worker_listen_connected']:g}"
+    return text, f"p99 <= WORKER_POLL_INTERVAL + {POLLED_PICKUP_MARGIN_MS:g} ms = {bound:g} ms", r["p99_ms"] <= bound
+
+
+def describe_drain(label: str, r: dict[str, Any], results: dict[str, dict[str, Any]]) -> Row:
+    """drain: jobs per second against the ceiling."""
+    ratio = r["ratio_to_ceiling"]
+    text = (
+        f"{r['per_second']:,.0f} jobs/s, {r['failed']} failed; CPU/job: service {cpu_ms(r, 'job', 'service')} ms,"
+        f" PostgreSQL {cpu_ms(r, 'job', 'postgres')} ms; {ratio} x ceiling"
+    )
+    return text, f">= {DRAIN_TO_CEILING} x ceiling", all_met(at_least(ratio, DRAIN_TO_CEILING), not r["failed"])
+
+
+def describe_slow(label: str, r: dict[str, Any], results: dict[str, dict[str, Any]]) -> Row:
+    """slow providers: the rate against the ideal, and what the service spends per job or call."""
+    text = (
+        f"{r['per_second']} jobs/s = {r['ratio_to_ideal']} x ideal {r['ideal_per_second']:g}, {r['failed']} failed;"
+        f" service {cpu_ms(r, 'job', 'service')} ms CPU/job"
+    )
+    if "provider_calls" in r:
+        text += (
+            f", {r['service_cpu_ms_per_call']} ms per provider call ({r['provider_calls']:,} calls;"
+            f" the provider {cpu_ms(r, 'job', 'provider')} ms each)"
         )
-        return text, f">= {SLOW_TO_IDEAL} x ideal, 0 failed", met
-    if label.startswith("two replicas"):
-        unit = "req/s" if "enqueue" in label else "jobs/s"
-        return f"{r['per_second']:,.0f} {unit} = {r['ratio_to_one']} x one process", "", None
-    if label == "memory":
-        met = r["peak_rss_mb"] <= PEAK_RSS_MB
-        return f"{r['peak_rss_mb']} MB peak RSS (in {r['in']})", f"<= {PEAK_RSS_MB:g} MB", met
-    raise ValueError(f"no description for {label}")
+    met = r["ratio_to_ideal"] >= SLOW_TO_IDEAL and not r["failed"]
+    return text, f">= {SLOW_TO_IDEAL} x ideal, 0 failed", met
+
+
+def describe_replicas(label: str, r: dict[str, Any], results: dict[str, dict[str, Any]]) -> Row:
+    """two replicas: the rate against one process."""
+    unit = "req/s" if "enqueue" in label else "jobs/s"
+    return f"{r['per_second']:,.0f} {unit} = {r['ratio_to_one']} x one process", "", None
+
+
+def describe_memory(label: str, r: dict[str, Any], results: dict[str, dict[str, Any]]) -> Row:
+    """memory: the highest peak RSS of any service."""
+    met = r["peak_rss_mb"] <= PEAK_RSS_MB
+    return f"{r['peak_rss_mb']} MB peak RSS (in {r['in']})", f"<= {PEAK_RSS_MB:g} MB", met
+
+
+DESCRIBERS: dict[str, Callable[[str, dict[str, Any], dict[str, dict[str, Any]]], Row]] = {
+    "ceiling": describe_inserts,
+    "raw insert": describe_inserts,
+    "health": describe_health,
+    "enqueue": describe_requests,
+    "read": describe_requests,
+    "batch": describe_batch,
+    "pickup": describe_pickup,
+    PICKUP_APART: describe_pickup,
+    PICKUP_BOUNCED: describe_bounced,
+    PICKUP_POLLED: describe_polled,
+    "drain": describe_drain,
+    "slow provider": describe_slow,
+    "two replicas": describe_replicas,
+    "memory": describe_memory,
+}
+
+
+def describe(label: str, r: dict[str, Any], results: dict[str, dict[str, Any]]) -> Row:
+    """A scenario's result in words, its target, and whether it is met, by its label (or the label's start)."""
+    kind = label if label in DESCRIBERS else next((k for k in DESCRIBERS if label.startswith(k)), None)
+    if kind is None:
+        raise ValueError(f"no description for {label}")
+    return DESCRIBERS[kind](label, r, results)
 
 
 def markdown(results: dict[str, dict[str, Any]], rounds: int) -> str:
@@ -712,8 +1155,34 @@ WHERE indrelid = 'jobs'::regclass ORDER BY 1
 """
 UPDATE_COUNTS = "SELECT n_tup_upd, n_tup_hot_upd FROM pg_stat_user_tables WHERE relname = 'jobs'"
 ESTIMATED_ROWS = "SELECT reltuples FROM pg_class WHERE oid = 'jobs'::regclass"
+# The plans a statement prepared in this session has run (asyncpg names its own; the text is the key).
+PLANS_OF = "SELECT generic_plans, custom_plans FROM pg_prepared_statements WHERE statement = $1"
+# What autovacuum knows of jobs, and whether an ANALYZE is due: more rows changed since the last
+# than autovacuum_analyze_threshold + autovacuum_analyze_scale_factor x the rows pg_class counts.
+AUTOVACUUM_STATE = """
+SELECT s.n_live_tup, s.n_mod_since_analyze, s.last_autoanalyze, s.autoanalyze_count, s.last_autovacuum,
+       c.reltuples,
+       current_setting('autovacuum_analyze_threshold')::float8
+         + current_setting('autovacuum_analyze_scale_factor')::float8 * greatest(c.reltuples, 0) AS analyze_threshold,
+       clock_timestamp() AS now
+FROM pg_stat_user_tables AS s JOIN pg_class AS c ON c.oid = s.relid
+WHERE s.relname = 'jobs'
+"""
+AUTOVACUUM_SETTINGS = (
+    "autovacuum",
+    "autovacuum_naptime",
+    "autovacuum_analyze_threshold",
+    "autovacuum_analyze_scale_factor",
+)
 HISTORY_TIMES = "SELECT now(), min(created_at), max(created_at) FROM jobs"  # the history only, in its copy
 COUNT_OLDER = "SELECT count(*) FROM jobs WHERE created_at < $1"  # by jobs_newest: cheap enough to poll
+QUEUED = "SELECT count(*) FROM jobs WHERE status IN ('pending', 'processing')"  # by jobs_claimable
+# The enqueue's jobs, completed as a worker would complete them (by jobs_status_newest).
+COMPLETE_ENQUEUED = """
+UPDATE jobs SET status = 'completed', animal = 'cat', attempts = 1, updated_at = now(), completed_at = now(),
+                image_urls = '["https://placehold.co/512x512/png?text=a+cute+cat+1"]'
+WHERE status = 'pending' AND created_at >= $1
+"""
 # Which plan the prepared statement's last executions used.
 GENERIC_PLANS = "SELECT generic_plans FROM pg_prepared_statements WHERE name = 'bench_statement'"
 
@@ -726,23 +1195,20 @@ LISTINGS = {
 # A keyset cursor before every job: the first page, for statements that always take a cursor.
 FIRST_PAGE = (datetime.max.replace(tzinfo=UTC), uuid.UUID(int=2**128 - 1))
 # The service's statements the scale run times in the database: (label, the constant's name in
-# app.py, its parameters given an existing job's id). app.py's SQL is being rewritten: an entry
-# whose constant app.py lacks, or that takes a different number of parameters, is skipped with
-# a note, so old and new forms can both be listed. Adding a statement is one line.
+# app.py, its parameters given an existing job's id), with the parameters the service gives
+# them. An entry whose constant app.py lacks, or that takes a different number of parameters,
+# is skipped with a note (app.py may change under the bench). Adding a statement is one line.
 STATEMENTS: list[tuple[str, str, Callable[[uuid.UUID], tuple[Any, ...]]]] = [
-    ("INSERT_JOB", "INSERT_JOB", lambda job: (1, None)),
-    ("CLAIM_JOBS", "CLAIM_JOBS", lambda job: (20, 30.0, 3)),
-    ("FAIL_ABANDONED_JOBS", "FAIL_ABANDONED_JOBS", lambda job: (3, 30.0)),
+    ("INSERT_JOB", "INSERT_JOB", lambda job: (1, None)),  # numImages, Idempotency-Key
+    ("INSERT_BATCH", "INSERT_BATCH", lambda job: ([1] * 1000, None)),  # a full batch's numImages, no key
+    ("CLAIM_JOBS", "CLAIM_JOBS", lambda job: (20, 30.0, 3)),  # limit, lease seconds, max attempts: the defaults
     ("SELECT_JOB", "SELECT_JOB", lambda job: (job,)),
-    ("LIST_JOBS", "LIST_JOBS", lambda job: (None, None, None, 51)),
-    ("LIST_JOBS failed", "LIST_JOBS", lambda job: ("failed", None, None, 51)),
-    ("LIST_JOBS pending", "LIST_JOBS", lambda job: ("pending", None, None, 51)),
+    # The first page of 50: the cursor before every job, and one row more than the page.
     ("LIST_JOBS", "LIST_JOBS", lambda job: (*FIRST_PAGE, 51)),
-    ("LIST_JOBS_WITH_STATUS failed", "LIST_JOBS_WITH_STATUS", lambda job: ("failed", *FIRST_PAGE, 51)),
-    ("LIST_JOBS_WITH_STATUS pending", "LIST_JOBS_WITH_STATUS", lambda job: ("pending", *FIRST_PAGE, 51)),
-    ("DELETE_EXPIRED_JOBS", "DELETE_EXPIRED_JOBS", lambda job: (604800.0, 1000)),
-    ("COUNT_JOBS", "COUNT_JOBS", lambda job: ()),
-    ("OLDEST_PENDING", "OLDEST_PENDING", lambda job: ()),
+    ("LIST_JOBS_WITH_STATUS failed", "LIST_JOBS_WITH_STATUS", lambda job: (*FIRST_PAGE, 51, "failed")),
+    ("LIST_JOBS_WITH_STATUS pending", "LIST_JOBS_WITH_STATUS", lambda job: (*FIRST_PAGE, 51, "pending")),
+    ("DELETE_EXPIRED_JOBS", "DELETE_EXPIRED_JOBS", lambda job: (604800.0, 1000)),  # the default retention, a batch
+    ("COUNT_JOBS", "COUNT_JOBS", lambda job: (100_000,)),  # /metrics: counts stop at app.COUNT_LIMIT
 ]
 CLAIM_STATEMENT = "CLAIM_JOBS"  # the label whose time the claim target judges
 # PostgreSQL plans a prepared statement's first five executions for their parameters (custom);
@@ -752,6 +1218,10 @@ AUTO_PLAN_RUNS = 6
 # The scale targets: ratios to the empty tables' values in the same run.
 SCALE_LATENCY_RATIO = 1.5
 CLAIM_MS_AT_BACKLOG = 5.0
+METRICS_P50_MS = 50.0  # GET /metrics with a backlog
+# Latencies shown with their ratio but judged by a target of their own: /metrics counts pending jobs up
+# to app.COUNT_LIMIT by design, so it grows with a backlog up to that bound (METRICS_P50_MS).
+UNJUDGED = {"metrics p50"}
 RETENTION_ROWS_PER_SECOND, RETENTION_CLAIM_P99_MS = 50_000, 20.0
 # Retention keeps the newest 6/7 of the time the history spans, so that its oldest seventh is due.
 RETENTION_KEPT_SHARE = 6 / 7
@@ -772,11 +1242,23 @@ class ScalePlan:
     explain_runs: int = 3  # per plan mode; the median is reported
     trickle_per_second: float = 200.0  # jobs posted while retention deletes
     retention_seconds: float = 60.0  # the longest retention is watched: 10M history has 1.4M rows due
+    claim_runs: int = 10  # executions of the claim as the service runs it, before its plan is read
+    # How long a burst's watch waits for autovacuum to analyze the table: when its statistics say
+    # it is due, and when they say it is not (to see that nothing happens meanwhile).
+    burst_watch_seconds: float = 150.0
+    burst_not_due_seconds: float = 30.0
+    burst_poll: float = 2.0  # seconds between two looks (and one claim each)
 
 
 SCALE_LOAD = dataclasses.replace(Plan(), seconds=5.0)
 SCALE_QUICK = ScalePlan(
-    histories=(0, 100_000), backlogs=(0, 100_000), chunk=50_000, sample_ids=1_000, retention_seconds=10.0
+    histories=(0, 100_000),
+    backlogs=(0, 100_000),
+    chunk=50_000,
+    sample_ids=1_000,
+    retention_seconds=10.0,
+    burst_watch_seconds=75.0,
+    burst_not_due_seconds=10.0,
 )
 SCALE_QUICK_LOAD = dataclasses.replace(QUICK, seconds=1.5, pickup_jobs=30)
 
@@ -799,6 +1281,8 @@ def sql_literal(value: Any) -> str:
     """A parameter written into SQL text for EXECUTE; PostgreSQL casts it to the parameter's type."""
     if value is None:
         return "NULL"
+    if isinstance(value, list):  # of numbers: an array literal
+        return "'{" + ",".join(map(str, value)) + "}'"
     if isinstance(value, int | float) and not isinstance(value, bool):
         return repr(value)
     text = value.isoformat() if isinstance(value, datetime) else str(value)
@@ -830,13 +1314,14 @@ class Timeline:
         return cls(datetime.now(UTC) - span, span.total_seconds() / max(rows, 1))
 
 
-async def fill(url: str, what: str, statement: str, rows: range, timeline: Timeline, chunk: int) -> dict[str, Any]:
+async def fill(
+    url: str, what: str, statement: str, rows: range, timeline: Timeline, chunk: int, analyze: bool = True
+) -> dict[str, Any]:
     """Insert `rows` (row numbers of the timeline) with a FILL_ statement, `chunk` per transaction;
-    then VACUUM ANALYZE, as a long-running table is (visibility map, statistics)."""
+    then, if `analyze`, VACUUM ANALYZE, as a long-running table is (visibility map, statistics)."""
     connection = await asyncpg.connect(url)
     start = time.perf_counter()
     try:
-        await connection.execute("ALTER TABLE jobs DISABLE TRIGGER USER")  # no NOTIFY per pending job
         for first in range(rows.start, rows.stop, chunk):
             last = min(first + chunk, rows.stop) - 1
             await connection.execute(statement, first, last, timeline.begin, timeline.spacing)
@@ -848,10 +1333,10 @@ async def fill(url: str, what: str, statement: str, rows: range, timeline: Timel
                 file=sys.stderr,
                 flush=True,
             )
-        await connection.execute("ALTER TABLE jobs ENABLE TRIGGER USER")
         inserted = time.perf_counter() - start
-        print(f"bench: {what}: VACUUM ANALYZE jobs", file=sys.stderr, flush=True)
-        await connection.execute("VACUUM ANALYZE jobs")
+        if analyze:
+            print(f"bench: {what}: VACUUM ANALYZE jobs", file=sys.stderr, flush=True)
+            await connection.execute("VACUUM ANALYZE jobs")
     finally:
         await connection.close()
     seconds = time.perf_counter() - start
@@ -877,6 +1362,15 @@ async def table_sizes(url: str, history: int) -> dict[str, Any]:
     if history:
         sizes["mb_per_million"] = {name: round(size / 2**20 * 1e6 / history, 1) for name, size in megabytes.items()}
     return sizes
+
+
+async def database_time(url: str) -> datetime:
+    """PostgreSQL's clock, now."""
+    connection = await asyncpg.connect(url)
+    try:
+        return await connection.fetchval("SELECT clock_timestamp()")
+    finally:
+        await connection.close()
 
 
 async def sample_ids(url: str, wanted: int) -> list[uuid.UUID]:
@@ -935,6 +1429,7 @@ def explain_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "planning_ms": round(statistics.median(run.get("Planning Time", 0.0) for run in runs), 3),
         "buffers": plan["Shared Hit Blocks"] + plan["Shared Read Blocks"],
         "buffers_read": plan["Shared Read Blocks"],
+        "cost": plan["Total Cost"],  # the planner's estimate, which the plan cache compares
         "plan": plan_outline(plan),
     }
 
@@ -976,6 +1471,54 @@ async def time_statements(url: str, job_id: uuid.UUID, runs: int) -> tuple[dict[
     finally:
         await connection.close()
     return timed, notes
+
+
+async def vacuum_analyze(url: str) -> float:
+    """VACUUM ANALYZE jobs, as a table that has lived a while is (visibility map, statistics); the seconds it took."""
+    connection = await asyncpg.connect(url)
+    start = time.perf_counter()
+    try:
+        await connection.execute("VACUUM ANALYZE jobs")
+    finally:
+        await connection.close()
+    return round(time.perf_counter() - start, 1)
+
+
+async def service_connection(url: str) -> asyncpg.Connection:
+    """A connection set up as the service's pool sets up each of its own: asyncpg's statement cache
+    on, so that the claim is a named prepared statement, which PostgreSQL may move to a generic plan."""
+    connection = await asyncpg.connect(url, statement_cache_size=100)
+    await setup_connection(connection)
+    return connection
+
+
+async def claim_once(connection: asyncpg.Connection) -> float:
+    """CLAIM_JOBS as the worker runs it (20 slots, the default lease and attempts) in a transaction
+    rolled back, so that the table stays as it was: the milliseconds it took, round trip included."""
+    transaction = connection.transaction()
+    await transaction.start()
+    try:
+        start = time.perf_counter()
+        await connection.fetch(CLAIM_JOBS, 20, 30.0, 3)
+        return round((time.perf_counter() - start) * 1000, 3)
+    finally:
+        await transaction.rollback()
+
+
+async def claim_as_service(connection: asyncpg.Connection, runs: int) -> dict[str, Any]:
+    """Run the claim `runs` times on a service_connection: the median time of the runs after the
+    fifth (those the plan cache may give a generic plan; all runs if there are no more), the plan
+    the last run used, and the plans the session's prepared claim has run so far."""
+    times = [await claim_once(connection) for _ in range(runs - 1)]
+    generic_before, _ = await connection.fetchrow(PLANS_OF, CLAIM_JOBS) or (0, 0)
+    times.append(await claim_once(connection))
+    generic, custom = await connection.fetchrow(PLANS_OF, CLAIM_JOBS)
+    return {
+        "ms": round(statistics.median(times[5:] or times), 3),
+        "plan": "generic" if generic > generic_before else "custom",
+        "generic_plans": generic,
+        "custom_plans": custom,
+    }
 
 
 async def page_jobs(session: aiohttp.ClientSession, url: str) -> int:
@@ -1028,7 +1571,8 @@ class ScaleBench:
     service's table grows. Each measurement runs in a copy of it (CREATE DATABASE ... TEMPLATE),
     backlog added there: so the history's own database never holds what a measurement leaves
     (dead rows, index pages at the right edge emptied of newer jobs, which would make every later
-    append split pages in half). Retention, which deletes, runs in a copy too.
+    append split pages in half). Retention, which deletes, runs in a copy too. A backlog arrives
+    in its copy as a burst, watched (see watch_burst) before it is analyzed and measured.
     """
 
     bench: Bench  # its services, loads and plan (enqueue clients, windows, pickup jobs)
@@ -1036,6 +1580,7 @@ class ScaleBench:
     results: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     fills: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     retention: dict[str, Any] = dataclasses.field(default_factory=dict)
+    bursts: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
     def say(self, text: str) -> None:
         """Progress, on stderr."""
@@ -1049,6 +1594,12 @@ class ScaleBench:
             print(json.dumps({"scenario": "scale retention", **self.retention}), flush=True)
         timeline = Timeline.ending_now(HISTORY_SPAN, max(self.scale.histories))
         async with self.bench.database("scale") as url:
+            connection = await asyncpg.connect(url)
+            try:
+                settings = {name: await connection.fetchval(f"SHOW {name}") for name in AUTOVACUUM_SETTINGS}
+            finally:
+                await connection.close()
+            print(json.dumps({"scenario": "scale autovacuum", **settings}), flush=True)
             history = 0
             for size in self.scale.histories:
                 if size > history:
@@ -1059,9 +1610,10 @@ class ScaleBench:
                 for backlog in self.scale.backlogs:
                     async with self.copy(url, "scale_measure") as copy:
                         if backlog:
-                            what = f"backlog {count_text(backlog)} on history {count_text(history)}"
-                            backlog_timeline = Timeline.ending_now(BACKLOG_SPAN, backlog)
-                            await self.fill(copy, what, FILL_BACKLOG, range(backlog), backlog_timeline)
+                            self.bursts.append(await self.watch_burst(copy, history, backlog))
+                            print(json.dumps({"scenario": "scale burst", **self.bursts[-1]}), flush=True)
+                            self.say(f"backlog {count_text(backlog)} on history {count_text(history)}: VACUUM ANALYZE")
+                            self.fills[-1]["vacuum_analyze_seconds"] = await vacuum_analyze(copy)
                         result = await self.measure(copy, history, backlog)
                     if not backlog:
                         result["sizes"] = sizes
@@ -1078,10 +1630,62 @@ class ScaleBench:
                         flush=True,
                     )
 
-    async def fill(self, url: str, what: str, statement: str, rows: range, timeline: Timeline) -> None:
+    async def fill(
+        self, url: str, what: str, statement: str, rows: range, timeline: Timeline, analyze: bool = True
+    ) -> None:
         """Insert rows in chunks, with progress on stderr; the time it took becomes a JSON line."""
-        self.fills.append(await fill(url, what, statement, rows, timeline, self.scale.chunk))
+        self.fills.append(await fill(url, what, statement, rows, timeline, self.scale.chunk, analyze))
         print(json.dumps({"scenario": "scale fill", **self.fills[-1]}), flush=True)
+
+    async def watch_burst(self, url: str, history: int, backlog: int) -> dict[str, Any]:
+        """A backlog that arrives at once, seen the way the service's worker sees it: on a connection
+        set up as the service's, the claim runs scale.claim_runs times on the table without a backlog
+        (so its plan is settled, as a polling worker's is), then just after `backlog` pending jobs are
+        inserted (with no ANALYZE after them), then every burst_poll seconds until autovacuum has
+        analyzed the table (last_autoanalyze) or burst_watch_seconds have passed (burst_not_due_seconds
+        when its statistics say no analyze is due), and once more after the analyze. How long the
+        analyze took to come bounds how long a plan made for the old statistics can last."""
+        what = f"backlog {count_text(backlog)} on history {count_text(history)}"
+        connection = await service_connection(url)
+        try:
+            self.say(f"{what}: the claim as the service runs it, before the burst")
+            before = await claim_as_service(connection, self.scale.claim_runs)
+            analyzed_before = (await connection.fetchrow(AUTOVACUUM_STATE))["autoanalyze_count"]
+            await self.fill(url, what, FILL_BACKLOG, range(backlog), Timeline.ending_now(BACKLOG_SPAN, backlog), False)
+            just_after = await claim_as_service(connection, 3)
+            state = await connection.fetchrow(AUTOVACUUM_STATE)
+            burst_end, due = state["now"], state["n_mod_since_analyze"] > state["analyze_threshold"]
+            limit = self.scale.burst_watch_seconds if due else self.scale.burst_not_due_seconds
+            self.say(f"{what}: waiting up to {limit:g} s for autovacuum to analyze jobs (due: {due})")
+            polls, analyzed = [], None
+            for _ in range(math.ceil(limit / self.scale.burst_poll)):  # bounded
+                await asyncio.sleep(self.scale.burst_poll)
+                claim = await claim_as_service(connection, 1)
+                current = await connection.fetchrow(AUTOVACUUM_STATE)
+                seconds = round((current["now"] - burst_end).total_seconds(), 1)
+                polls.append({"s": seconds, "claim_ms": claim["ms"], "plan": claim["plan"]})
+                if current["last_autoanalyze"] and current["last_autoanalyze"] > burst_end:
+                    analyzed = round((current["last_autoanalyze"] - burst_end).total_seconds(), 1)
+                    break
+            after = await claim_as_service(connection, 3) if analyzed is not None else None
+        finally:
+            await connection.close()
+        return {
+            "history": history,
+            "backlog": backlog,
+            "reltuples": state["reltuples"],
+            "n_mod_since_analyze": state["n_mod_since_analyze"],
+            "analyze_threshold": state["analyze_threshold"],
+            "analyze_due": due,
+            # An autovacuum ANALYZE may come while the burst is still being inserted (between chunks).
+            "autoanalyzes_during_burst": state["autoanalyze_count"] - analyzed_before,
+            "watched_s": limit,
+            "autoanalyzed_after_s": analyzed,  # None: not within the watch
+            "claim_before": before,
+            "claim_just_after": just_after,
+            "claim_after_analyze": after,
+            "polls": polls,
+        }
 
     @contextlib.asynccontextmanager
     async def copy(self, url: str, name: str) -> AsyncIterator[str]:
@@ -1102,30 +1706,56 @@ class ScaleBench:
                 await admin.close()
 
     async def measure(self, url: str, history: int, backlog: int) -> dict[str, Any]:
-        """Everything one combination reports: the statements' plans and costs in the database,
-        enqueue and reads over HTTP (WORKER_CONCURRENCY=0: the backlog stays), pickup (at B=0
-        only: a worker would chew the backlog), and the share of HOT updates."""
+        """Everything one combination reports: the statements' plans and costs in the database, the
+        claim as the service runs it, enqueue then reads over HTTP (WORKER_CONCURRENCY=0, so that
+        the backlog stays; at B=0 the enqueue's jobs are completed in between, so that the reads
+        see no pending job), pickup (at B=0 only: a worker would chew the backlog), and the share
+        of HOT updates among the service's updates after the enqueue."""
         self.say(f"history {count_text(history)}, backlog {count_text(backlog)}: timing statements")
         ids = await sample_ids(url, self.scale.sample_ids)
         statements, skipped = await time_statements(url, ids[0] if ids else uuid.uuid4(), self.scale.explain_runs)
-        updates_before = await update_counts(url)
+        connection = await service_connection(url)
+        try:
+            claim = await claim_as_service(connection, self.scale.claim_runs)
+        finally:
+            await connection.close()
         name = f"scale-{count_text(history)}-{count_text(backlog)}"
         async with self.bench.services(name, url, WORKER_CONCURRENCY=0) as [service]:
             self.say(f"history {count_text(history)}, backlog {count_text(backlog)}: enqueue and reads")
+            since = await database_time(url)
             enqueue = (await self.bench.load([service], post_job, self.bench.plan.seconds)).summary()
+            if not backlog:  # with a backlog, they are its newest part, as new jobs are
+                enqueue["completed_before_reads"] = await self.complete_enqueued(url, since)
+            updates_before = await update_counts(url)  # the service's own updates from here on
             reads = await self.reads(service, ids or await sample_ids(url, self.scale.sample_ids))
         result: dict[str, Any] = {"history": history, "backlog": backlog, "settings": self.settings()}
         result |= {"enqueue": enqueue, "reads": reads, "statements": statements, "skipped": skipped}
+        result["claim_as_service"] = claim
         if backlog:
             result["pickup"] = {"skipped": "a worker would drain the backlog; see the claim statement's time"}
             return result
         env = {"IMAGE_PROVIDER_DELAY": 0}
         async with self.bench.services(f"{name}-pickup", url, **env) as [service]:
-            result["pickup"] = await self.bench.pickup_on(service, url)
+            # The enqueue's jobs are a backlog the worker completes first: pickup is from an empty queue.
+            drained = await self.wait_until_drained(url)
+            result["pickup"] = {**await self.bench.pickup_on(service, url), "enqueued_jobs_drained_s": drained}
         # The services have exited, so their backends have reported their counts.
         updates, hot = (after - before for after, before in zip(await update_counts(url), updates_before, strict=True))
         result["hot_updates"] = {"updates": updates, "hot": hot, "ratio": round(hot / updates, 3) if updates else NAN}
         return result
+
+    async def wait_until_drained(self, url: str, within: float = 300.0) -> float:
+        """Wait until no job is pending or processing (at most `within` seconds): the seconds it took."""
+        connection = await asyncpg.connect(url)
+        start = time.perf_counter()
+        try:
+            for _ in range(int(within / WATCH_INTERVAL)):  # bounded
+                if not await connection.fetchval(QUEUED):
+                    break
+                await asyncio.sleep(WATCH_INTERVAL)
+        finally:
+            await connection.close()
+        return round(time.perf_counter() - start, 1)
 
     async def reads(self, service: Service, ids: list[uuid.UUID]) -> dict[str, Any]:
         """GET one job by id (picked at random), the first page of three listings, and /metrics
@@ -1145,6 +1775,18 @@ class ScaleBench:
             window = await self.bench.load([service], request, self.bench.plan.seconds, self.scale.read_clients)
             results[label] = window.summary() | ({"page_jobs": pages[label]} if label in pages else {})
         return results
+
+    async def complete_enqueued(self, url: str, since: datetime) -> int:
+        """Mark the enqueue's jobs (created since `since`) completed, as a worker would, so that the
+        reads after it see no pending job at backlog 0 (no worker runs during the reads: with a
+        backlog it would drain it). Returns how many; their statistics are flushed at once."""
+        connection = await asyncpg.connect(url)
+        try:
+            done = await connection.execute(COMPLETE_ENQUEUED, since)
+            await connection.execute("SELECT pg_stat_force_next_flush()")
+        finally:
+            await connection.close()
+        return int(done.split()[-1])
 
     @staticmethod
     async def get(session: aiohttp.ClientSession, url: str) -> bool:
@@ -1367,7 +2009,9 @@ def scale_targets(results: list[dict[str, Any]], retention: dict[str, Any]) -> l
 
     for result in results:
         at = f"history {count_text(result['history'])}, backlog {count_text(result['backlog'])}"
-        judged = {name: ratio for name, ratio in result["ratios"].items() if not math.isnan(ratio)}
+        judged = {
+            name: ratio for name, ratio in result["ratios"].items() if not math.isnan(ratio) and name not in UNJUDGED
+        }
         if result is not results[0] and judged:
             worst = max(judged, key=judged.__getitem__)
             met = judged[worst] <= SCALE_LATENCY_RATIO
@@ -1381,6 +2025,9 @@ def scale_targets(results: list[dict[str, Any]], retention: dict[str, Any]) -> l
             ms = service_ms(claim)
             found = f"{ms:g} ms ({claim['service_plan']} plan)"
             row(f"claim statement <= {CLAIM_MS_AT_BACKLOG:g} ms", at, found, ms <= CLAIM_MS_AT_BACKLOG)
+        if result["backlog"] and (metrics := result["reads"].get("metrics")):
+            found = f"{metrics['p50_ms']:g} ms"
+            row(f"GET /metrics p50 <= {METRICS_P50_MS:g} ms", at, found, metrics["p50_ms"] <= METRICS_P50_MS)
     target = f"retention >= {RETENTION_ROWS_PER_SECOND:,} rows/s, claims p99 <= {RETENTION_CLAIM_P99_MS:g} ms"
     if "skipped" in retention:
         row(target, "", f"skipped: {retention['skipped']}", None)
@@ -1393,16 +2040,75 @@ def scale_targets(results: list[dict[str, Any]], retention: dict[str, Any]) -> l
     return lines
 
 
-def scale_markdown(results: list[dict[str, Any]], fills: list[dict[str, Any]], retention: dict[str, Any]) -> str:
-    """The scale run as markdown: HTTP latencies, the statements, the sizes, the targets."""
-    hot = [f"history {count_text(r['history'])}: {r['hot_updates']['ratio']:g}" for r in results if "hot_updates" in r]
+def scale_claim_table(results: list[dict[str, Any]]) -> list[str]:
+    """One row per combination: the claim as the service runs it (asyncpg's prepared statement), and
+    the estimated costs the plan cache weighs: it keeps the generic plan when that costs less than
+    the custom plans did on average (planning included)."""
+    lines = [
+        "| history | backlog | service's claim: plan | ms (round trip) | custom cost / ms | generic cost / ms |",
+        "|---|---|---|---|---|---|",
+    ]
+    for result in results:
+        claim, timed = result.get("claim_as_service"), result["statements"].get(CLAIM_STATEMENT)
+        if not claim or not timed:
+            continue
+        custom, generic = timed["custom"], timed["generic"]
+        lines.append(
+            f"| {count_text(result['history'])} | {count_text(result['backlog'])} "
+            f"| {claim['plan']} ({claim['generic_plans']} generic, {claim['custom_plans']} custom runs) "
+            f"| {claim['ms']:g} | {custom['cost']:g} / {custom['ms']:g} | {generic['cost']:g} / {generic['ms']:g} |"
+        )
+    return lines
+
+
+def claim_text(claim: dict[str, Any] | None) -> str:
+    """A claim_as_service result in a few words."""
+    return "-" if not claim else f"{claim['ms']:g} ms, {claim['plan']}"
+
+
+def scale_burst_table(bursts: list[dict[str, Any]]) -> list[str]:
+    """One row per burst: the claim before it, just after it, and after autovacuum's ANALYZE."""
+    lines = [
+        "| history | burst | claim before | just after | slowest while waiting | ANALYZE due? | autoanalyze after "
+        "| claim after it |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for burst in bursts:
+        due = f"{'yes' if burst['analyze_due'] else 'no'}: {burst['n_mod_since_analyze']:,} changed rows"
+        due += f" vs threshold {burst['analyze_threshold']:,.0f}"
+        if during := burst.get("autoanalyzes_during_burst"):
+            due += f" ({during} ANALYZE during the burst)"
+        analyzed = burst["autoanalyzed_after_s"]
+        waited = f"{analyzed:g} s" if analyzed is not None else f"not within {burst['watched_s']:g} s"
+        slowest = max(burst["polls"], key=lambda poll: poll["claim_ms"], default=None)
+        worst = f"{slowest['claim_ms']:g} ms, {slowest['plan']}" if slowest else "-"
+        lines.append(
+            f"| {count_text(burst['history'])} | {count_text(burst['backlog'])} | {claim_text(burst['claim_before'])} "
+            f"| {claim_text(burst['claim_just_after'])} | {worst} | {due} | {waited} "
+            f"| {claim_text(burst['claim_after_analyze'])} |"
+        )
+    return lines
+
+
+def scale_markdown(
+    results: list[dict[str, Any]], fills: list[dict[str, Any]], retention: dict[str, Any], bursts: list[dict[str, Any]]
+) -> str:
+    """The scale run as markdown: HTTP latencies, the statements, the claim's plans, the sizes, the targets."""
+    hot = [
+        f"history {count_text(r['history'])}: {r['hot_updates']['ratio']:g} of {r['hot_updates']['updates']:,}"
+        for r in results
+        if "hot_updates" in r
+    ]
     filled = [f"{fill['what']}: {fill['seconds']:g} s ({fill['rows_per_second']:,} rows/s)" for fill in fills]
     skipped = results[0]["skipped"] if results else []
     return "\n".join(
         [
             f"Ratios: to the empty tables (history 0, backlog 0) of this run; over {SCALE_LATENCY_RATIO:g}x in bold.",
             "Pickup needs a worker, which would drain a backlog: it is measured at backlog 0 only.",
+            "At backlog 0 the enqueue's jobs are marked completed before the reads; with a backlog they stay"
+            " pending, its newest part (about 1.5% of 1M).",
             "A listing whose page held another number of jobs on the empty tables has no ratio (`?status=failed`).",
+            "/metrics counts pending jobs up to a bound: its ratio is shown, its own target judges it.",
             "The statements run under EXPLAIN ANALYZE in transactions rolled back; `service gets` is the plan"
             f" PostgreSQL settles on by the {AUTO_PLAN_RUNS}th execution of the prepared statement.",
             "",
@@ -1414,11 +2120,22 @@ def scale_markdown(results: list[dict[str, Any]], fills: list[dict[str, Any]], r
             "",
             *scale_statement_table(results),
             "",
+            "The claim as the service runs it (asyncpg's named prepared statement, after"
+            " the runs a polling worker makes), and the costs the plan cache compares:",
+            "",
+            *scale_claim_table(results),
+            "",
+            "A backlog's burst (no ANALYZE after it) seen by the claim of a connection set up as the"
+            " service's, whose plan was settled on the table without it:",
+            "",
+            *scale_burst_table(bursts),
+            "",
             *scale_size_table(results),
             "",
             *scale_targets(results, retention),
             "",
-            "HOT updates / all updates during enqueue and pickup (backlog 0): " + ("; ".join(hot) or "none"),
+            "HOT updates / the service's updates (its claims and completions during pickup, backlog 0): "
+            + ("; ".join(hot) or "none"),
             "",
             "Fills (insert and VACUUM ANALYZE): " + ("; ".join(filled) or "none"),
             "",
@@ -1440,7 +2157,9 @@ async def setup(server_url: str, plan: Plan, env: dict[str, str]) -> dict[str, A
         await connection.close()
     return {
         "scenario": "setup",
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "cores": os.cpu_count(),
+        "loadavg_before": os.getloadavg(),
         "python": platform.python_version(),
         "postgres": postgres,
         "generator_loop": type(asyncio.get_running_loop()).__module__.split(".")[0],
@@ -1450,31 +2169,74 @@ async def setup(server_url: str, plan: Plan, env: dict[str, str]) -> dict[str, A
     }
 
 
+@dataclasses.dataclass
+class LoadWatch:
+    """The machine's 1-minute load average, sampled while the bench runs. The bench's own load is
+    in it: on a small machine the bench keeps every core busy while it measures."""
+
+    every: float = 5.0  # seconds between two samples
+    samples: list[float] = dataclasses.field(default_factory=list)
+
+    async def run(self) -> None:
+        """Sample until cancelled (a day at most)."""
+        for _ in range(int(86_400 / self.every)):
+            self.samples.append(os.getloadavg()[0])
+            await asyncio.sleep(self.every)
+
+    def summary(self) -> dict[str, float]:
+        """The samples' mean and highest, and the last."""
+        if not self.samples:
+            return {}
+        mean = statistics.mean(self.samples)
+        return {"mean": round(mean, 2), "max": round(max(self.samples), 2), "end": round(self.samples[-1], 2)}
+
+
+def header(context: dict[str, Any], load: dict[str, float], seconds: float) -> str:
+    """When and where the run ran, and how busy the machine was: the line above the tables."""
+    before = ", ".join(f"{value:.2f}" for value in context["loadavg_before"])
+    return (
+        f"{context['date']}, {context['cores']} cores, PostgreSQL {context['postgres']['server_version']},"
+        f" Python {context['python']}; load average before the run {before} (1, 5, 15 min), during it"
+        f" {load.get('mean', NAN):g} on average, {load.get('max', NAN):g} at most (the bench's own included);"
+        f" the run took {seconds:.0f} s."
+    )
+
+
 async def bench(server_url: str, postmaster: int | None, plan: Plan, args: argparse.Namespace) -> None:
     """Run the rounds, print each scenario's JSON line as it ends, then the table of medians."""
     # SIGTERM unwinds like Ctrl-C does, so that every service started is stopped.
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, asyncio.current_task().cancel)  # type: ignore[union-attr]
-    print(json.dumps(await setup(server_url, plan, args.env)), flush=True)
-    if args.scale:
-        print(json.dumps({"scenario": "scale plan", **dataclasses.asdict(args.scale)}), flush=True)
+    context = await setup(server_url, plan, args.env)
+    print(json.dumps(context), flush=True)
+    load = LoadWatch()
+    watching = asyncio.create_task(load.run())
+    started = time.perf_counter()
+    try:
         with tempfile.TemporaryDirectory(prefix="bench-logs-") as logs:
-            scale = ScaleBench(Bench(server_url, postmaster, plan, Path(logs), args.env), args.scale)
-            started = time.perf_counter()
-            await scale.run()
-        print(f"bench: the scale run took {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
-        print()
-        print(scale_markdown(scale.results, scale.fills, scale.retention))
-        return
-    rounds = []
-    with tempfile.TemporaryDirectory(prefix="bench-logs-") as logs:
-        for number in range(1, args.repeat + 1):
-            print(f"bench: round {number} of {args.repeat}", file=sys.stderr, flush=True)
-            rounds.append(await Bench(server_url, postmaster, plan, Path(logs), args.env).run_round(args.only))
+            if args.scale:
+                print(json.dumps({"scenario": "scale plan", **dataclasses.asdict(args.scale)}), flush=True)
+                scale = ScaleBench(Bench(server_url, postmaster, plan, Path(logs), args.env), args.scale)
+                await scale.run()
+            else:
+                rounds = []
+                for number in range(1, args.repeat + 1):
+                    print(f"bench: round {number} of {args.repeat}", file=sys.stderr, flush=True)
+                    rounds.append(await Bench(server_url, postmaster, plan, Path(logs), args.env).run_round(args.only))
+    finally:
+        watching.cancel()
+    seconds = time.perf_counter() - started
+    print(json.dumps({"scenario": "end", "seconds": round(seconds), "loadavg": load.summary()}), flush=True)
+    print(f"bench: the run took {seconds:.0f} s", file=sys.stderr, flush=True)
     print()
-    print(markdown(median_of(rounds), args.repeat))
+    print(header(context, load.summary(), seconds))
+    print()
+    if args.scale:
+        print(scale_markdown(scale.results, scale.fills, scale.retention, scale.bursts))
+    else:
+        print(markdown(median_of(rounds), args.repeat))
 
 
-GROUPS = ("ceiling", "health", "enqueue", "read", "pickup", "drain", "slow", "replicas")
+GROUPS = ("ceiling", "health", "enqueue", "batch", "read", "pickup", "pgbouncer", "drain", "slow", "replicas")
 
 
 def parse_args() -> argparse.Namespace:
@@ -1489,7 +2251,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--scale", action="store_true", help="the scale run instead: costs as history and backlog grow")
     parser.add_argument("--scale-sizes", metavar="N,N", help="finished jobs, e.g. 0,100k,1M (default 0,1M,10M)")
     parser.add_argument("--scale-backlogs", metavar="N,N", help="pending jobs, e.g. 0,100k (default 0,1M)")
+    parser.add_argument("--serve-provider", metavar="PORT:DELAY", help=argparse.SUPPRESS)  # the stand-in provider
     args = parser.parse_args()
+    if args.serve_provider:
+        return args
     if (args.scale_sizes or args.scale_backlogs) and not args.scale:
         parser.error("--scale-sizes and --scale-backlogs go with --scale")
     if args.scale and args.repeat != 1:
@@ -1533,6 +2298,10 @@ def check_room(scale: ScalePlan, folder: str) -> None:
 def main() -> None:
     """Start PostgreSQL (unless DATABASE_URL names one), run the bench, stop everything."""
     args = parse_args()
+    if args.serve_provider:
+        port, delay = args.serve_provider.split(":")
+        serve_provider(int(port), float(delay))
+        return
     plan = QUICK if args.quick else Plan()
     if args.scale:
         plan = SCALE_QUICK_LOAD if args.quick else SCALE_LOAD
