@@ -348,18 +348,25 @@ WHERE jobs.id = held.id AND jobs.attempts = held.attempt AND jobs.status = 'proc
 RETURNING jobs.id, jobs.attempts
 """
 
-# Delete up to $2 jobs that ended more than $1 seconds ago, and with them their images and
-# Idempotency-Keys. Their created_at is older still, which lets jobs_status_newest find them;
-# SKIP LOCKED: never wait for a row that someone else holds.
+# Delete up to $2 jobs that ended more than $1 seconds ago, and with them their pictures (one
+# set-based delete: a cascading foreign key would run a statement per job, 1.75 times slower)
+# and Idempotency-Keys; return how many. Their created_at is older still, which lets
+# jobs_status_newest find them; SKIP LOCKED: never wait for a row that someone else holds.
 DELETE_EXPIRED_JOBS = """
-DELETE FROM jobs WHERE id IN (
-    SELECT id FROM jobs
-    WHERE status IN ('completed', 'failed', 'cancelled')
-      AND created_at < now() - make_interval(secs => $1)
-      AND completed_at < now() - make_interval(secs => $1)
-    LIMIT $2
-    FOR UPDATE SKIP LOCKED
+WITH expired AS (
+    DELETE FROM jobs WHERE id IN (
+        SELECT id FROM jobs
+        WHERE status IN ('completed', 'failed', 'cancelled')
+          AND created_at < now() - make_interval(secs => $1)
+          AND completed_at < now() - make_interval(secs => $1)
+        LIMIT $2
+        FOR UPDATE SKIP LOCKED
+    )
+    RETURNING id
+), pictures AS (
+    DELETE FROM images WHERE job_id IN (SELECT id FROM expired)
 )
+SELECT count(*) FROM expired
 """
 
 # What /metrics reports of the queue: each count stops at $1, and the age of the oldest
@@ -649,8 +656,9 @@ async def schema_version(connection: asyncpg.Connection) -> str | None:
 async def delete_expired_jobs(pool: asyncpg.Pool, retention_seconds: float) -> None:
     """Delete the jobs that ended longer ago than JOB_RETENTION_SECONDS, a batch at a time."""
     await asyncio.sleep(RETENTION_INTERVAL_SECONDS)
-    deleted = f"DELETE {RETENTION_BATCH_SIZE}"  # a full batch: more may be waiting
-    while await pool.execute(DELETE_EXPIRED_JOBS, retention_seconds, RETENTION_BATCH_SIZE, timeout=60) == deleted:
+    while await pool.fetchval(DELETE_EXPIRED_JOBS, retention_seconds, RETENTION_BATCH_SIZE, timeout=60) == (
+        RETENTION_BATCH_SIZE  # a full batch: more may be waiting
+    ):
         pass
 
 

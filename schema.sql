@@ -56,10 +56,11 @@ DROP FUNCTION IF EXISTS notify_generations_done();
 -- current reads one row and takes no lock on jobs.
 CREATE TABLE IF NOT EXISTS schema_version (version text NOT NULL);
 
--- Pictures a provider sent as bytes (base64), served at /generations/{id}/images/{n} (n from 1);
--- they go with their job.
+-- Pictures a provider sent as bytes (base64), served at /generations/{id}/images/{n} (n from 1).
+-- Retention deletes them with their job, in the same statement; no foreign key, whose cascade
+-- would run one statement per deleted job.
 CREATE TABLE IF NOT EXISTS images (
-    job_id uuid NOT NULL REFERENCES jobs ON DELETE CASCADE,
+    job_id uuid NOT NULL,
     position integer NOT NULL,
     content_type text NOT NULL,
     data bytea NOT NULL,

@@ -292,7 +292,7 @@ async def test_http_mode_stores_data_uri_images_and_serves_them_until_the_job_is
 ) -> None:
     """Pictures that come as data:image/png;base64, URIs are stored: the job's imageUrls are
     /generations/<id>/images/1..n, each GET returns the exact bytes as image/png with a long
-    Cache-Control; when the job is deleted (as retention does), its images go with it (404)."""
+    Cache-Control; when retention deletes the job, its images go with it (404)."""
     uris = [f"data:image/png;base64,{base64.b64encode(png).decode()}" for png in (PNG_1, PNG_2)]
     provider.script(ok("http", uris))
     async with running(provider_settings(settings, provider, "http")) as client:
@@ -309,7 +309,10 @@ async def test_http_mode_stores_data_uri_images_and_serves_them_until_the_job_is
             assert max_age and int(max_age[1]) >= 30 * 86400, response.headers["cache-control"]
         assert (await client.get(f"/generations/{job_id}/images/3")).status_code == 404
 
-        await db.execute("DELETE FROM jobs WHERE id = $1", uuid.UUID(job_id))
+        await db.execute(
+            "UPDATE jobs SET created_at = now() - interval '2 days', completed_at = now() - interval '1 day'"
+        )
+        assert await db.fetchval(app.DELETE_EXPIRED_JOBS, 3600.0, 1000) == 1  # retention's own statement
         assert await db.fetchval("SELECT count(*) FROM images") == 0
         for path in paths:
             assert (await client.get(path)).status_code == 404
