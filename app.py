@@ -689,7 +689,7 @@ class Notifications:
         self.ended_jobs: list[str] = []
         self.outbox = asyncio.Event()
         self.nonce = uuid.uuid4().hex
-        self.arriving = True  # at the last ping; a change is logged
+        self.arriving: bool | None = True  # at the last ping; None: no connection now
 
     def jobs_created(self) -> None:
         self.on_new_job()  # this process's worker need not wait for the notification to come back
@@ -769,7 +769,8 @@ class Notifications:
                 await wait_up_to(LISTEN_CHECK_SECONDS, lost)
             logger.warning("the notification connection was lost; reconnecting")
         finally:
-            self.arriving = False  # long polls look again at each poll interval until a ping arrives
+            if self.arriving:  # until a ping arrives again, long polls look again at each poll interval
+                self.arriving = None
             self.metrics.listen_connected.set(0)
             connection.terminate()
 
@@ -777,9 +778,9 @@ class Notifications:
         """Set the gauge, and log when notifications stop or start arriving."""
         self.metrics.listen_connected.set(arriving)
         if arriving != self.arriving:
-            if arriving:
+            if arriving and self.arriving is False:
                 logger.info("notifications arrive again")
-            else:
+            elif not arriving:
                 logger.warning(
                     "notifications do not arrive on LISTEN_DATABASE_URL (%s; a PgBouncer in transaction mode?);"
                     " polling every %gs instead", database_address(self.url), self.poll_interval,
@@ -1359,7 +1360,8 @@ async def http_error(request: Request, error: HTTPException) -> Response:
     detail = error.detail
     if error.status_code == 404 and detail == "Not Found":
         detail = f"There is no {request.url.path}; the endpoints are listed at /openapi.json."
-    elif error.status_code == 405:
+    elif error.status_code == 405:  # Starlette lists the methods from a set: in any order
+        error.headers["Allow"] = ", ".join(sorted(error.headers["Allow"].split(", ")))  # type: ignore[index]
         detail = f"{request.method} is not allowed here; use {error.headers['Allow']}."  # type: ignore[index]
     return problem(error.status_code, detail, error.headers)
 

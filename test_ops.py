@@ -428,6 +428,7 @@ def test_an_outage_is_one_warning_when_it_begins_and_one_line_when_it_ends(outag
     assert float(re.search(r"back after ([\d.]+)s", back[0])[1]) >= 2.5  # it was down for 3 s
     assert "Traceback" not in outage.log
     assert "Failed to restore the pool connection floor" not in outage.log
+    assert "notifications arrive again" not in outage.log  # they never stopped arriving: the connection was lost
     assert [line for line in lines if " ERROR " in line] == []
 
 
