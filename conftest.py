@@ -9,7 +9,7 @@ import asyncio
 import os
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
 import asyncpg
@@ -115,6 +115,26 @@ async def client(settings: Callable[..., app.Settings]) -> AsyncIterator[httpx.A
     """A client of the app with default test settings (worker on, instant provider)."""
     async with running(settings()) as client:
         yield client
+
+
+@pytest.fixture
+def waiting_polls(monkeypatch: pytest.MonkeyPatch) -> Callable[[], int]:
+    """How many long polls are waiting for a wake-up right now (inside Notifications.watch)."""
+    waiting = 0
+    watch = app.Notifications.watch
+
+    @contextmanager
+    def counted(self: app.Notifications, job_id: uuid.UUID) -> Iterator[asyncio.Event]:
+        nonlocal waiting
+        with watch(self, job_id) as event:
+            waiting += 1
+            try:
+                yield event
+            finally:
+                waiting -= 1
+
+    monkeypatch.setattr(app.Notifications, "watch", counted)
+    return lambda: waiting
 
 
 async def eventually(check: Callable[[], Awaitable[Any]], within: float = 10.0) -> Any:

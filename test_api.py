@@ -8,7 +8,6 @@ every endpoint.
 
 import asyncio
 import base64
-import contextlib
 import functools
 import json
 import logging
@@ -502,30 +501,15 @@ async def test_workers_complete_batch_jobs_like_any_other(settings: SettingsFact
 
 
 @pytest.fixture
-def long_polls(monkeypatch: pytest.MonkeyPatch) -> Callable[[int], Awaitable[None]]:
+def long_polls(waiting_polls: Callable[[], int]) -> Callable[[int], Awaitable[None]]:
     """Wait until exactly n long polls are registered for a wake-up (in any app of the test)."""
-    waiting = 0
-    watch = app.Notifications.watch
-
-    @contextlib.contextmanager
-    def counted(self: app.Notifications, job_id: uuid.UUID) -> Iterator[asyncio.Event]:
-        """Notifications.watch, counting the polls inside it."""
-        nonlocal waiting
-        with watch(self, job_id) as event:
-            waiting += 1
-            try:
-                yield event
-            finally:
-                waiting -= 1
-
-    monkeypatch.setattr(app.Notifications, "watch", counted)
 
     async def until(n: int) -> None:
         """Return once n long polls are waiting."""
 
         async def reached() -> bool:
             """True when n long polls are waiting."""
-            return waiting == n
+            return waiting_polls() == n
 
         await eventually(reached)
 

@@ -1,7 +1,6 @@
 """Behaviour of the generations service, against a real PostgreSQL (see conftest.py)."""
 
 import asyncio
-import contextlib
 import dataclasses
 import json
 import logging
@@ -941,26 +940,6 @@ def test_importing_the_module_reads_nothing() -> None:
     env = {"PATH": ""}  # no DATABASE_URL: building the app from the environment would fail
     done = subprocess.run([sys.executable, "-c", "import app"], env=env, capture_output=True, text=True, timeout=30)
     assert done.returncode == 0, done.stderr
-
-
-@pytest.fixture
-def waiting_polls(monkeypatch: pytest.MonkeyPatch) -> Callable[[], int]:
-    """How many long polls are waiting for a wake-up right now (inside Notifications.watch)."""
-    waiting = 0
-    watch = app.Notifications.watch
-
-    @contextlib.contextmanager
-    def counted(self: app.Notifications, job_id: uuid.UUID) -> Iterator[asyncio.Event]:
-        nonlocal waiting
-        with watch(self, job_id) as event:
-            waiting += 1
-            try:
-                yield event
-            finally:
-                waiting -= 1
-
-    monkeypatch.setattr(app.Notifications, "watch", counted)
-    return lambda: waiting
 
 
 async def start_waiting_poll(
