@@ -248,13 +248,18 @@ SELECT pg_snapshot_xmax(pg_current_snapshot())::text::float8, (pg_current_wal_in
 Counters = Callable[[], Awaitable[dict[str, float]]]
 
 
-async def write_counters(server_url: str) -> dict[str, float]:
-    """The write transactions and WAL bytes the server has produced so far (other databases' too)."""
-    connection = await asyncpg.connect(server_url)
+async def fetch_one(url: str, query: str) -> asyncpg.Record:
+    """One row, from a connection of its own."""
+    connection = await asyncpg.connect(url)
     try:
-        xids, wal = await connection.fetchrow(WRITE_COUNTERS)
+        return await connection.fetchrow(query)
     finally:
         await connection.close()
+
+
+async def write_counters(server_url: str) -> dict[str, float]:
+    """The write transactions and WAL bytes the server has produced so far (other databases' too)."""
+    xids, wal = await fetch_one(server_url, WRITE_COUNTERS)
     return {"write_xacts": xids, "wal_bytes": wal}
 
 
@@ -1366,11 +1371,7 @@ async def table_sizes(url: str, history: int) -> dict[str, Any]:
 
 async def database_time(url: str) -> datetime:
     """PostgreSQL's clock, now."""
-    connection = await asyncpg.connect(url)
-    try:
-        return await connection.fetchval("SELECT clock_timestamp()")
-    finally:
-        await connection.close()
+    return (await fetch_one(url, "SELECT clock_timestamp()"))[0]
 
 
 async def sample_ids(url: str, wanted: int) -> list[uuid.UUID]:
@@ -1388,11 +1389,7 @@ async def sample_ids(url: str, wanted: int) -> list[uuid.UUID]:
 
 async def update_counts(url: str) -> tuple[int, int]:
     """Rows of jobs updated so far, and how many of those updates were HOT (no index touched)."""
-    connection = await asyncpg.connect(url)
-    try:
-        updates, hot = await connection.fetchrow(UPDATE_COUNTS)
-    finally:
-        await connection.close()
+    updates, hot = await fetch_one(url, UPDATE_COUNTS)
     return updates, hot
 
 
