@@ -32,7 +32,6 @@ import hashlib
 import hmac
 import json
 import logging
-import math
 import os
 import random
 import re
@@ -1142,13 +1141,11 @@ def read_wait(request: Request) -> float | None:
     raw = request.query_params.get("wait")
     if raw is None:
         return None
-    try:
+    with contextlib.suppress(ValueError):
         wait = float(raw)
-    except ValueError:
-        wait = math.nan
-    if not 0 < wait <= MAX_WAIT_SECONDS:  # NaN fails this too
-        raise HTTPException(400, f"wait must be a number of seconds above 0 and at most {MAX_WAIT_SECONDS:g}.")
-    return wait
+        if 0 < wait <= MAX_WAIT_SECONDS:  # NaN fails this too
+            return wait
+    raise HTTPException(400, f"wait must be a number of seconds above 0 and at most {MAX_WAIT_SECONDS:g}.")
 
 
 def read_page_size(request: Request) -> int:
