@@ -891,9 +891,7 @@ class Worker:
             return
         try:
             interrupted = "the attempt was interrupted by a shutdown"
-            rows = await self.retry_or_fail(
-                list(self.held), interrupted, 0.0, "handed_back", self.settings.max_attempts
-            )
+            rows = await self.retry_or_fail(list(self.held), interrupted, 0.0, "handed_back")
             self.notifications.jobs_created()  # another replica may start them now
             failed = sum(row["status"] == "failed" for row in rows)
             logger.info(
@@ -960,15 +958,17 @@ class Worker:
         delay = getattr(error, "retry_after", None) or retry_delay(claim.attempt)
         del error  # its traceback holds the attempt's frames (a refused answer's buffer): free them now
         try:
-            await self.retry_or_fail([claim], text, delay, result, 0 if final else settings.max_attempts)
+            await self.retry_or_fail([claim], text, delay, result, final)
         except Exception as db_error:  # the lease will run out and the job will be claimed again
             self.outage.report(f"recording the failure of job {claim.job_id}", db_error)
         self.release(claim)
 
     async def retry_or_fail(
-        self, claims: list[Claim], error: str, delay: float, result: str | None, max_attempts: int
+        self, claims: list[Claim], error: str, delay: float, result: str | None, final: bool = False
     ) -> list[asyncpg.Record]:
-        """Send jobs back to pending after `delay`, or fail those with no attempt left; the rows written."""
+        """Send jobs back to pending after `delay`, or fail those with no attempt left (all of them
+        if `final`: another try cannot help); the rows written."""
+        max_attempts = 0 if final else self.settings.max_attempts
         rows = await self.pool.fetch(RETRY_OR_FAIL_JOBS, *fenced(claims), max_attempts, error, delay)
         for row in rows:
             self.metrics.attempts.labels(result or ("retried" if row["status"] == "pending" else "failed")).inc()
@@ -1002,7 +1002,7 @@ class Worker:
             raise
         except Exception as error:
             text = storable(f"the result could not be stored: {type(error).__name__}: {error}")
-            await self.retry_or_fail([claim], text, retry_delay(claim.attempt), None, self.settings.max_attempts)
+            await self.retry_or_fail([claim], text, retry_delay(claim.attempt), None)
             self.release(claim)
         self.finished.remove(result)
 
