@@ -655,10 +655,9 @@ async def schema_version(connection: asyncpg.Connection) -> str | None:
 async def delete_expired_jobs(pool: asyncpg.Pool, retention_seconds: float) -> None:
     """Delete the jobs that ended longer ago than JOB_RETENTION_SECONDS, a batch at a time."""
     await asyncio.sleep(RETENTION_INTERVAL_SECONDS)
-    while await pool.fetchval(DELETE_EXPIRED_JOBS, retention_seconds, RETENTION_BATCH_SIZE, timeout=60) == (
-        RETENTION_BATCH_SIZE  # a full batch: more may be waiting
-    ):
-        pass
+    deleted = RETENTION_BATCH_SIZE
+    while deleted == RETENTION_BATCH_SIZE:  # a full batch: more may be waiting
+        deleted = await pool.fetchval(DELETE_EXPIRED_JOBS, retention_seconds, RETENTION_BATCH_SIZE, timeout=60)
 
 
 # --- Notifications -------------------------------------------------------------------------
