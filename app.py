@@ -548,11 +548,10 @@ async def call_provider(
 def retry_after(value: str | None) -> float | None:
     """A Retry-After header (seconds or an HTTP date) in seconds, at most a minute."""
     with contextlib.suppress(TypeError, ValueError):
-        seconds = (
-            float(value)
-            if value.strip().isdigit()
-            else (parsedate_to_datetime(value) - datetime.now(UTC)).total_seconds()
-        )
+        if value.strip().isdigit():
+            seconds = float(value)
+        else:
+            seconds = (parsedate_to_datetime(value) - datetime.now(UTC)).total_seconds()
         return min(max(seconds, 0.0), MAX_RETRY_AFTER_SECONDS)
     return None
 
