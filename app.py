@@ -1415,8 +1415,7 @@ class BearerAuth:
             # The scheme is case-insensitive (RFC 9110); the token is compared in constant time.
             if not (hmac.compare_digest(token, self.token) and scheme.lower() == b"bearer"):
                 detail = "Send the API token as Authorization: Bearer <token>."
-                await problem(401, detail, {"WWW-Authenticate": "Bearer"})(scope, receive, send)
-                return
+                return await problem(401, detail, {"WWW-Authenticate": "Bearer"})(scope, receive, send)
         await self.app(scope, receive, send)
 
 
