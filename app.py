@@ -32,7 +32,6 @@ import hashlib
 import hmac
 import json
 import logging
-import math
 import os
 import random
 import re
@@ -549,11 +548,10 @@ async def call_provider(
 def retry_after(value: str | None) -> float | None:
     """A Retry-After header (seconds or an HTTP date) in seconds, at most a minute."""
     with contextlib.suppress(TypeError, ValueError):
-        seconds = (
-            float(value)
-            if value.strip().isdigit()
-            else (parsedate_to_datetime(value) - datetime.now(UTC)).total_seconds()
-        )
+        if value.strip().isdigit():
+            seconds = float(value)
+        else:
+            seconds = (parsedate_to_datetime(value) - datetime.now(UTC)).total_seconds()
         return min(max(seconds, 0.0), MAX_RETRY_AFTER_SECONDS)
     return None
 
@@ -656,10 +654,9 @@ async def schema_version(connection: asyncpg.Connection) -> str | None:
 async def delete_expired_jobs(pool: asyncpg.Pool, retention_seconds: float) -> None:
     """Delete the jobs that ended longer ago than JOB_RETENTION_SECONDS, a batch at a time."""
     await asyncio.sleep(RETENTION_INTERVAL_SECONDS)
-    while await pool.fetchval(DELETE_EXPIRED_JOBS, retention_seconds, RETENTION_BATCH_SIZE, timeout=60) == (
-        RETENTION_BATCH_SIZE  # a full batch: more may be waiting
-    ):
-        pass
+    deleted = RETENTION_BATCH_SIZE
+    while deleted == RETENTION_BATCH_SIZE:  # a full batch: more may be waiting
+        deleted = await pool.fetchval(DELETE_EXPIRED_JOBS, retention_seconds, RETENTION_BATCH_SIZE, timeout=60)
 
 
 # --- Notifications -------------------------------------------------------------------------
@@ -892,9 +889,7 @@ class Worker:
             return
         try:
             interrupted = "the attempt was interrupted by a shutdown"
-            rows = await self.retry_or_fail(
-                list(self.held), interrupted, 0.0, "handed_back", self.settings.max_attempts
-            )
+            rows = await self.retry_or_fail(list(self.held), interrupted, 0.0, "handed_back")
             self.notifications.jobs_created()  # another replica may start them now
             failed = sum(row["status"] == "failed" for row in rows)
             logger.info(
@@ -961,15 +956,17 @@ class Worker:
         delay = getattr(error, "retry_after", None) or retry_delay(claim.attempt)
         del error  # its traceback holds the attempt's frames (a refused answer's buffer): free them now
         try:
-            await self.retry_or_fail([claim], text, delay, result, 0 if final else settings.max_attempts)
+            await self.retry_or_fail([claim], text, delay, result, final)
         except Exception as db_error:  # the lease will run out and the job will be claimed again
             self.outage.report(f"recording the failure of job {claim.job_id}", db_error)
         self.release(claim)
 
     async def retry_or_fail(
-        self, claims: list[Claim], error: str, delay: float, result: str | None, max_attempts: int
+        self, claims: list[Claim], error: str, delay: float, result: str | None, final: bool = False
     ) -> list[asyncpg.Record]:
-        """Send jobs back to pending after `delay`, or fail those with no attempt left; the rows written."""
+        """Send jobs back to pending after `delay`, or fail those with no attempt left (all of them
+        if `final`: another try cannot help); the rows written."""
+        max_attempts = 0 if final else self.settings.max_attempts
         rows = await self.pool.fetch(RETRY_OR_FAIL_JOBS, *fenced(claims), max_attempts, error, delay)
         for row in rows:
             self.metrics.attempts.labels(result or ("retried" if row["status"] == "pending" else "failed")).inc()
@@ -1003,7 +1000,7 @@ class Worker:
             raise
         except Exception as error:
             text = storable(f"the result could not be stored: {type(error).__name__}: {error}")
-            await self.retry_or_fail([claim], text, retry_delay(claim.attempt), None, self.settings.max_attempts)
+            await self.retry_or_fail([claim], text, retry_delay(claim.attempt), None)
             self.release(claim)
         self.finished.remove(result)
 
@@ -1142,13 +1139,11 @@ def read_wait(request: Request) -> float | None:
     raw = request.query_params.get("wait")
     if raw is None:
         return None
-    try:
+    with contextlib.suppress(ValueError):
         wait = float(raw)
-    except ValueError:
-        wait = math.nan
-    if not 0 < wait <= MAX_WAIT_SECONDS:  # NaN fails this too
-        raise HTTPException(400, f"wait must be a number of seconds above 0 and at most {MAX_WAIT_SECONDS:g}.")
-    return wait
+        if 0 < wait <= MAX_WAIT_SECONDS:  # NaN fails this too
+            return wait
+    raise HTTPException(400, f"wait must be a number of seconds above 0 and at most {MAX_WAIT_SECONDS:g}.")
 
 
 def read_page_size(request: Request) -> int:
@@ -1420,8 +1415,7 @@ class BearerAuth:
             # The scheme is case-insensitive (RFC 9110); the token is compared in constant time.
             if not (hmac.compare_digest(token, self.token) and scheme.lower() == b"bearer"):
                 detail = "Send the API token as Authorization: Bearer <token>."
-                await problem(401, detail, {"WWW-Authenticate": "Bearer"})(scope, receive, send)
-                return
+                return await problem(401, detail, {"WWW-Authenticate": "Bearer"})(scope, receive, send)
         await self.app(scope, receive, send)
 
 
