@@ -537,7 +537,7 @@ async def call_provider(
                 return json.loads(answer)
             error = f"the provider answered {response.status}: {answer.decode(errors='replace')[:500]}"
             if response.status in (408, 429) or response.status >= 500:
-                raise ProviderError(error, retry_after(response.headers.get("Retry-After")))
+                raise ProviderError(error, retry_after(response.headers.get("Retry-After", "")))
             raise ProviderError(error, final=True)
     except aiohttp.ClientError as error:
         raise ProviderError(f"the provider could not be reached: {type(error).__name__}: {error}") from None
@@ -545,8 +545,8 @@ async def call_provider(
         raise ProviderError("the provider's answer is not JSON") from None
 
 
-def retry_after(value: str | None) -> float | None:
-    """A Retry-After header (seconds or an HTTP date) in seconds, at most a minute."""
+def retry_after(value: str) -> float | None:
+    """A Retry-After header (seconds or an HTTP date) in seconds, at most a minute; None if absent or malformed."""
     with contextlib.suppress(TypeError, ValueError):
         if value.strip().isdigit():
             seconds = float(value)

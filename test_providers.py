@@ -380,6 +380,19 @@ async def test_a_5xx_or_408_is_retried_and_the_job_completes(
     assert first.headers["Idempotency-Key"] == second.headers["Idempotency-Key"] == job["jobId"]
 
 
+@pytest.mark.parametrize(("mode", "status"), [("http", 503), ("openai", 429), ("http", 500)])
+async def test_a_retried_answer_without_retry_after_is_recorded_with_its_status_and_message(
+    settings: SettingsFactory, provider: Provider, mode: str, status: int
+) -> None:
+    """A 429 or 5xx without a Retry-After header is an ordinary provider error: with its attempts
+    spent, the job fails with the provider's status and message in its error."""
+    provider.script(Answer(status, json={"error": "busy"}))
+    async with running(provider_settings(settings, provider, mode, max_attempts=1)) as client:
+        job = await job_in(client, await post_job(client))
+    assert (job["status"], job["attempts"]) == ("failed", 1)
+    assert job["error"] == f'the provider answered {status}: {{"error": "busy"}}'
+
+
 @pytest.mark.parametrize(("mode", "status"), [("http", 400), ("openai", 400), ("http", 422)])
 async def test_a_4xx_fails_the_job_at_once_with_the_status_and_at_most_500_characters_of_the_message(
     settings: SettingsFactory, provider: Provider, mode: str, status: int
