@@ -129,7 +129,7 @@ class Settings:
     worker_poll_interval: float = _setting(1.0, 0.01, 3600)
     worker_concurrency: int = _setting(20, 0, 10_000)
     job_lease_seconds: float = _setting(30.0, 1, 86_400)
-    job_timeout_seconds: float = _setting(120.0, 0.001, 86_400)
+    job_timeout_seconds: float = _setting(120.0, 0.001, 10 * 365 * 86_400)
     job_retention_seconds: float = _setting(604_800.0, 0, 10 * 365 * 86_400)
     max_attempts: int = _setting(3, 1, 100)
     shutdown_grace_seconds: float = _setting(10.0, 0, 3600)
