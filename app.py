@@ -24,7 +24,6 @@ app the moment SIGTERM arrives.
 
 import asyncio
 import base64
-import binascii
 import contextlib
 import contextvars
 import dataclasses
@@ -567,7 +566,8 @@ def checked_image(image: str) -> Image:
     """A picture as the provider gave it: an http(s) URL as is, a data:image/...;base64, URI decoded."""
     media_type, _, data = image.partition(";base64,")
     if re.fullmatch(r"data:image/[\w.+-]{1,100}", media_type, re.ASCII) and data:
-        with contextlib.suppress(binascii.Error):
+        # binascii.Error for bad base64; a plain ValueError for a character outside ASCII.
+        with contextlib.suppress(ValueError):
             return media_type.removeprefix("data:"), base64.b64decode(data, validate=True)
     if image.startswith(("https://", "http://")) and storable(image) == image:
         return image

@@ -499,6 +499,7 @@ WRONG_SHAPES = [
     ("http", {"imageUrls": ["https://x.example/1.png"]}, "not 2 images"),
     ("http", {"imageUrls": ["https://x.example/1.png", "ftp://x.example/2.png"]}, "ftp://x.example/2.png"),
     ("http", {"imageUrls": ["https://x.example/1.png", "data:image/png;base64,@@not base64@@"]}, "@@not base64@@"),
+    ("http", {"imageUrls": ["https://x.example/1.png", "data:image/png;base64,\u00e9t\u00e9"]}, "base64,\u00e9t\u00e9"),
     ("http", {"images": ["https://x.example/1.png", "https://x.example/2.png"]}, "None"),
     ("http", "<html>gateway says hi</html>", "not JSON"),
     ("openai", {"data": "x"}, "{'data': 'x'}"),
