@@ -540,7 +540,7 @@ async def call_provider(
             raise ProviderError(error, final=True)
     except aiohttp.ClientError as error:
         raise ProviderError(f"the provider could not be reached: {type(error).__name__}: {error}") from None
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested too deep for the parser
         raise ProviderError("the provider's answer is not JSON") from None
 
 
