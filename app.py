@@ -505,8 +505,8 @@ async def generate_images(
         url = f"{settings.image_provider_url.rstrip('/')}/images/generations"
         body = {"model": settings.image_provider_model, "prompt": prompt, "n": num_images, "size": "512x512"}
         answer = await call_provider(http, url, job_id, body, settings)
-        try:
-            return [item.get("url") or f"data:image/png;base64,{item['b64_json']}" for item in answer["data"]]
+        try:  # + rather than an f-string: a b64_json that is no string (null, say) is the wrong shape
+            return [item.get("url") or "data:image/png;base64," + item["b64_json"] for item in answer["data"]]
         except (TypeError, KeyError, AttributeError):
             return answer  # not the shape asked for: the worker's check says what came
     await asyncio.sleep(settings.image_provider_delay)

@@ -507,6 +507,7 @@ WRONG_SHAPES = [
     ("openai", {"data": [{"url": "https://x.example/1.png"}]}, "not 2 images"),
     ("openai", {"data": [{"b64_json": "@@not base64@@"}, {"b64_json": "AAAA"}]}, "@@not base64@@"),
     ("openai", {"data": [{}, {}]}, "[{}, {}]"),
+    ("openai", {"data": [{"b64_json": None}, {"b64_json": True}]}, "'b64_json': None"),  # "None" is valid base64
 ]
 
 
