@@ -686,7 +686,8 @@ class Notifications:
         self.ended_jobs: list[str] = []
         self.outbox = asyncio.Event()
         self.nonce = uuid.uuid4().hex
-        self.arriving: bool | None = True  # at the last ping; None: no connection now
+        # At the last ping; None: no connection now (nor yet at the start, when the first may fail).
+        self.arriving: bool | None = None
 
     def jobs_created(self) -> None:
         self.on_new_job()  # this process's worker need not wait for the notification to come back

@@ -34,6 +34,7 @@ from referencing.jsonschema import DRAFT202012
 
 import app
 from conftest import eventually, running
+from scripts.service import free_port
 from test_app import JSON, SettingsFactory, assert_problem, insert_job, job_row, post_job, wait_for_status
 
 TOKEN = "s3cret-token"
@@ -543,6 +544,21 @@ async def test_a_long_poll_returns_when_another_replica_completes_the_job(
     assert response.status_code == 200
     assert (response.json()["jobId"], response.json()["status"]) == (job["jobId"], "completed")
     assert (await job_row(db, job["jobId"]))["status"] == "completed"
+
+
+async def test_a_long_poll_looks_again_at_each_poll_interval_when_no_listen_connection_was_ever_made(
+    settings: SettingsFactory, long_polls: Callable[[int], Awaitable[None]]
+) -> None:
+    """With LISTEN_DATABASE_URL unreachable from the start, no announcement is heard: a poll looks
+    again at each poll interval, and answers soon after a worker elsewhere ends the job."""
+    unreachable = f"postgresql://generations@127.0.0.1:{free_port()}/none"
+    async with serving(settings(worker_concurrency=0, listen_database_url=unreachable)) as api:
+        job = await post_job(api)
+        async with polling(api, job) as [poll]:
+            await long_polls(1)
+            async with serving(settings(worker_concurrency=1)), asyncio.timeout(5):
+                response = await poll  # well before its 30 seconds
+    assert (response.json()["jobId"], response.json()["status"]) == (job["jobId"], "completed")
 
 
 async def test_a_long_poll_answers_with_the_current_state_when_its_wait_is_over(settings: SettingsFactory) -> None:
