@@ -413,7 +413,8 @@ class Outage:
     """Says once that the database is unavailable and once that it is back, however often
     requests and background steps fail in between. Other errors are logged each time."""
 
-    def __init__(self) -> None:
+    def __init__(self, database: str = "the database") -> None:
+        self.database = database
         self.since: float | None = None
 
     def report(self, what: str, error: BaseException) -> None:
@@ -421,11 +422,11 @@ class Outage:
             logger.error("%s failed", what, exc_info=error)
         elif self.since is None:
             self.since = time.monotonic()
-            logger.warning("the database is unavailable (%s: %s); retrying until it is back", what, reason(error))
+            logger.warning("%s is unavailable (%s: %s); retrying until it is back", self.database, what, reason(error))
 
     def over(self) -> None:
         if self.since is not None:
-            logger.info("the database is back after %.1fs", time.monotonic() - self.since)
+            logger.info("%s is back after %.1fs", self.database, time.monotonic() - self.since)
             self.since = None
 
 
@@ -679,6 +680,10 @@ class Notifications:
         self.url = settings.listen_database_url or settings.database_url
         self.poll_interval = settings.worker_poll_interval
         self.pool, self.metrics, self.outage = pool, metrics, outage
+        # A LISTEN connection that goes elsewhere and fails is no outage of the pool's database: it
+        # must not say that database is down, nor make a shutdown skip handing jobs back.
+        elsewhere = Outage(f"LISTEN_DATABASE_URL ({database_address(self.url)})")
+        self.listen_outage = outage if self.url == settings.database_url else elsewhere
         self.on_new_job: Callable[[], None] = lambda: None
         self.on_jobs_ended: Callable[[set[str]], None] = lambda job_ids: None
         self.waiters: dict[str, set[asyncio.Event]] = {}
@@ -759,6 +764,7 @@ class Notifications:
                 pong.clear()
                 await self.pool.execute(NOTIFY, ["generations_ping"], [self.nonce])
                 self.outage.over()
+                self.listen_outage.over()
                 await wait_up_to(QUERY_TIMEOUT_SECONDS, pong)
                 self._note_arriving(pong.is_set())
                 if not pong.is_set():  # try a new connection later; poll meanwhile
@@ -1484,9 +1490,10 @@ async def lifespan(app: Starlette, settings: Settings, metrics: Metrics) -> Asyn
     notifications = Notifications(settings, pool, metrics, outage)
     worker = Worker(pool, settings, notifications, metrics, outage) if settings.worker_concurrency else None
     worker_tasks = worker.start() if worker else []
+    listen = keep_running("listening", notifications.listen, notifications.listen_outage)
     background = [
         *worker_tasks,
-        asyncio.create_task(keep_running("listening", notifications.listen, outage), name="notification listener"),
+        asyncio.create_task(listen, name="notification listener"),
         asyncio.create_task(keep_running("notifying", notifications.send, outage), name="notification sender"),
     ]
     if settings.job_retention_seconds:

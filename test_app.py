@@ -20,6 +20,7 @@ from asgi_lifespan import LifespanManager
 import app
 from conftest import eventually, running
 from scripts.pg import EmbeddedPostgres
+from scripts.service import free_port
 
 JSON = {"Content-Type": "application/json"}
 URL_PATTERN = re.compile(r"https://placehold\.co/512x512/png\?text=a\+cute\+([a-z]+)\+(\d+)")
@@ -569,6 +570,24 @@ async def test_shutdown_hands_unfinished_jobs_back_at_once(settings: SettingsFac
     assert (row["status"], row["attempts"]) == ("pending", 1)  # the interrupted attempt counts
     assert row["error"] == "the attempt was interrupted by a shutdown"
     assert row["available_at"] <= await db.fetchval("SELECT now()")
+
+
+async def test_a_listen_database_that_cannot_be_reached_is_no_outage_of_the_database(
+    settings: SettingsFactory, db: asyncpg.Connection, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With LISTEN_DATABASE_URL unreachable (the pool's database is fine), the log never says the
+    database is unavailable, and a shutdown still hands the unfinished job back at once."""
+    unreachable = f"postgresql://generations@127.0.0.1:{free_port()}/none"
+    config = settings(
+        listen_database_url=unreachable, worker_concurrency=1, image_provider_delay=60, shutdown_grace_seconds=0.2
+    )
+    async with running(config) as client:
+        job = await post_job(client)
+        await wait_for_status(db, job["jobId"], "processing")
+        await asyncio.sleep(2 * app.ERROR_BACKOFF_SECONDS)  # the LISTEN connection is tried again meanwhile
+    row = await job_row(db, job["jobId"])
+    assert (row["status"], row["error"]) == ("pending", "the attempt was interrupted by a shutdown")
+    assert [r.getMessage() for r in caplog.records if "the database is unavailable" in r.getMessage()] == []
 
 
 async def test_shutdown_lets_running_jobs_finish_within_the_grace_period(
