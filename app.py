@@ -846,6 +846,7 @@ class Worker:
         )  # fmt: skip
         self.held: dict[Claim, asyncio.Task[None]] = {}
         self.finished: list[tuple[Claim, str, list[str]]] = []
+        self.failing: set[Claim] = set()  # failed attempts whose task is writing that outcome
         self.wakeup = asyncio.Event()
         self.results_ready = asyncio.Event()
         self.writing = asyncio.Lock()
@@ -962,6 +963,7 @@ class Worker:
         final = isinstance(error, ProviderError) and error.final
         delay = getattr(error, "retry_after", None) or retry_delay(claim.attempt)
         del error  # its traceback holds the attempt's frames (a refused answer's buffer): free them now
+        self.failing.add(claim)  # the write ends the claim: stop_lost must not take that for a loss
         try:
             await self.retry_or_fail([claim], text, delay, result, final)
         except Exception as db_error:  # the lease will run out and the job will be claimed again
@@ -1037,6 +1039,7 @@ class Worker:
     def release(self, claim: Claim) -> None:
         """Free the claim's slot, and look for more work."""
         self.held.pop(claim, None)
+        self.failing.discard(claim)
         self.wakeup.set()
 
     async def keep_leases(self) -> None:
@@ -1050,10 +1053,10 @@ class Worker:
 
     def stop_lost(self, claims: Iterable[Claim]) -> None:
         """Stop running jobs whose claim is lost (cancelled, ended or taken over): their writes would
-        be fenced anyway. A finished one's outcome is being written, and that write is fenced too."""
+        be fenced anyway. A finished or failing one's outcome is being written, and that write is fenced too."""
         for claim in claims:
             task = self.held.get(claim)
-            if task and not task.done():
+            if task and not task.done() and claim not in self.failing:
                 message = "job %s attempt %d: claim lost (cancelled or taken over), stopping it"
                 logger.warning(message, *claim[:2], extra=about(claim))
                 task.cancel()

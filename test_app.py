@@ -546,6 +546,32 @@ async def test_the_lease_keeper_stops_a_cancelled_job_and_frees_its_slot(
     assert (row["status"], row["attempts"], row["animal"], row["image_urls"]) == ("cancelled", 1, None, None)
 
 
+async def test_a_failed_attempt_whose_write_answers_late_is_no_lost_claim(
+    settings: SettingsFactory, db: asyncpg.Connection, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The write that fails a job (MAX_ATTEMPTS=1) commits, but its answer comes back late, and the
+    lease keeper's extension meanwhile finds the job no longer processing. That is the attempt's own
+    outcome, not a lost claim: no line says the claim was lost, and the attempt counts as failed."""
+    real_fetch = asyncpg.Pool.fetch
+
+    async def late_answer_to_failures(pool: asyncpg.Pool, query: str, *args: object, **kwargs: object) -> list:
+        rows = await real_fetch(pool, query, *args, **kwargs)
+        if query == app.RETRY_OR_FAIL_JOBS:
+            await asyncio.sleep(1)  # committed; the answer is on its way (the keeper runs every 1/3 s)
+        return rows
+
+    monkeypatch.setattr(asyncpg.Pool, "fetch", late_answer_to_failures)
+    config = settings(image_provider_failure_rate=1.0, max_attempts=1, job_lease_seconds=1)
+    async with running(config) as client:
+        job = await post_job(client)
+        await wait_for_status(db, job["jobId"], "failed")
+        await asyncio.sleep(1.5)  # the answer has come back
+        text = (await client.get("/metrics")).text
+    assert [r.getMessage() for r in caplog.records if "claim lost" in r.getMessage()] == []
+    assert metric(text, 'generations_attempts_total{result="failed"}') == 1
+    assert metric(text, 'generations_attempts_total{result="lost"}') == 0
+
+
 async def test_only_due_jobs_are_claimed_and_each_only_once(db: asyncpg.Connection, db_url: str) -> None:
     """Claims skip jobs in backoff, jobs under a live lease, and rows another claim has locked."""
     due = await insert_job(db)
