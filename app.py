@@ -56,7 +56,7 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -1100,10 +1100,13 @@ def refuse_constant(name: str) -> None:
 async def read_json(request: Request) -> Any:
     """The POST body as JSON. Not request.json(): it would read a body of any size and take NaN."""
     body = b""
-    async for chunk in request.stream():  # stop reading as soon as the body is too large
-        body += chunk
-        if len(body) > MAX_BODY_BYTES:
-            raise HTTPException(413, f"The request body is larger than {MAX_BODY_BYTES // 1024} KiB.")
+    try:
+        async for chunk in request.stream():  # stop reading as soon as the body is too large
+            body += chunk
+            if len(body) > MAX_BODY_BYTES:
+                raise HTTPException(413, f"The request body is larger than {MAX_BODY_BYTES // 1024} KiB.")
+    except ClientDisconnect:  # the client's doing, not a 500 (no one is left to read the answer)
+        raise HTTPException(400, "The request body ended before it was complete.") from None
     kind, _, subtype = request.headers.get("content-type", "").split(";", 1)[0].strip().lower().partition("/")
     if kind != "application" or not (subtype == "json" or subtype.endswith("+json")):
         raise HTTPException(415, "Send the body as JSON, with Content-Type: application/json.")

@@ -892,6 +892,32 @@ async def test_listing_parameters_beyond_any_range_are_400(settings: SettingsFac
         assert_problem(await client.get("/generations", params=query), 400)
 
 
+@pytest.mark.parametrize("path", ["/generations", "/generations/batch"])
+async def test_a_client_that_leaves_halfway_through_its_body_is_no_server_error(
+    settings: SettingsFactory, db: asyncpg.Connection, caplog: pytest.LogCaptureFixture, path: str
+) -> None:
+    """A POST whose client hangs up before its body is complete (as uvicorn tells the app) is the
+    client's doing: no job, no 500 and no error logged."""
+    messages = iter([{"type": "http.request", "body": b'{"numIm', "more_body": True}, {"type": "http.disconnect"}])
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return next(messages)
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    headers = [(b"host", b"test"), (b"content-type", b"application/json")]
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http"}
+    scope |= {"path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "", "headers": headers}
+    async with running(settings(worker_concurrency=0)) as client:
+        await client._transport.app(scope, receive, send)  # type: ignore[attr-defined]
+    [start] = [message for message in sent if message["type"] == "http.response.start"]
+    assert start["status"] == 400
+    assert [record.getMessage() for record in caplog.records if record.levelno >= logging.ERROR] == []
+    assert await db.fetchval("SELECT count(*) FROM jobs") == 0
+
+
 # --- Fuzzing ---------------------------------------------------------------------------------
 
 KNOWN_JOB = uuid.UUID("5f0c7a4e-0c7b-4d55-9a51-2d7bd6a8e1c3")  # a cancelled job in the fuzzers' database
