@@ -890,7 +890,8 @@ class Worker:
         if self.outage.since is not None:  # each write would wait out its timeouts: leases bring the jobs back
             return
         try:
-            await self.complete(self.finished[:])
+            if self.finished:  # as the writer does: one by one when PostgreSQL refuses the batch
+                await self.write_results()
         except Exception as error:  # their leases will run out and they will be claimed again
             self.outage.report("recording completed jobs at shutdown", error)
         if not self.held:

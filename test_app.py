@@ -656,6 +656,44 @@ async def test_shutdown_lets_running_jobs_finish_within_the_grace_period(
     assert [m for m in messages if "result dropped" in m or "claim lost" in m or "handed" in m] == []
 
 
+async def test_a_result_postgresql_refuses_at_shutdown_does_not_keep_the_rest_from_being_written(
+    settings: SettingsFactory, db: asyncpg.Connection, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two jobs finish within the grace period while the writer is busy with a third (its write
+    answers late), so the shutdown writes them itself; PostgreSQL refuses one's result (a content
+    type with a NUL, as in the test above). The other still completes, on its first attempt, and
+    is not handed back to run again."""
+    real_fetch, real_provider, real_check = asyncpg.Pool.fetch, app.generate_images, app.checked_images
+
+    async def late_answer_to_completions(pool: asyncpg.Pool, query: str, *args: object, **kwargs: object) -> list:
+        rows = await real_fetch(pool, query, *args, **kwargs)
+        if query == app.COMPLETE_JOBS:
+            await asyncio.sleep(1)  # committed; the answer is on its way
+        return rows
+
+    async def one_image_first(
+        job_id: uuid.UUID, attempt: int, animal: str, num_images: int, settings: app.Settings, http: Any
+    ) -> list[str]:
+        delay = 0.3 if num_images == 1 else 0.6
+        return await real_provider(
+            job_id, attempt, animal, num_images, dataclasses.replace(settings, image_provider_delay=delay), http
+        )
+
+    def poisons_two_images(images: object, num_images: int) -> list[app.Image]:
+        return [("image/png\x00", b"x")] * 2 if num_images == 2 else real_check(images, num_images)
+
+    monkeypatch.setattr(asyncpg.Pool, "fetch", late_answer_to_completions)
+    monkeypatch.setattr(app, "generate_images", one_image_first)
+    monkeypatch.setattr(app, "checked_images", poisons_two_images)
+    async with running(settings(shutdown_grace_seconds=10, max_attempts=2)) as client:
+        jobs = [await post_job(client, n) for n in (1, 2, 3)]
+        for job in jobs:
+            await wait_for_status(db, job["jobId"], "processing")
+    first, bad, good = [await job_row(db, job["jobId"]) for job in jobs]
+    assert (first["status"], good["status"], good["attempts"]) == ("completed", "completed", 1)
+    assert bad["status"] != "completed" and bad["error"].startswith("the result could not be stored")
+
+
 async def test_api_only_mode_runs_no_worker(settings: SettingsFactory, db: asyncpg.Connection) -> None:
     """WORKER_CONCURRENCY=0 serves the API and is ready, but never claims a job."""
     async with running(settings(worker_concurrency=0)) as client:
