@@ -24,7 +24,6 @@ app the moment SIGTERM arrives.
 
 import asyncio
 import base64
-import binascii
 import contextlib
 import contextvars
 import dataclasses
@@ -57,7 +56,7 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -414,7 +413,8 @@ class Outage:
     """Says once that the database is unavailable and once that it is back, however often
     requests and background steps fail in between. Other errors are logged each time."""
 
-    def __init__(self) -> None:
+    def __init__(self, database: str = "the database") -> None:
+        self.database = database
         self.since: float | None = None
 
     def report(self, what: str, error: BaseException) -> None:
@@ -422,11 +422,11 @@ class Outage:
             logger.error("%s failed", what, exc_info=error)
         elif self.since is None:
             self.since = time.monotonic()
-            logger.warning("the database is unavailable (%s: %s); retrying until it is back", what, reason(error))
+            logger.warning("%s is unavailable (%s: %s); retrying until it is back", self.database, what, reason(error))
 
     def over(self) -> None:
         if self.since is not None:
-            logger.info("the database is back after %.1fs", time.monotonic() - self.since)
+            logger.info("%s is back after %.1fs", self.database, time.monotonic() - self.since)
             self.since = None
 
 
@@ -506,8 +506,8 @@ async def generate_images(
         url = f"{settings.image_provider_url.rstrip('/')}/images/generations"
         body = {"model": settings.image_provider_model, "prompt": prompt, "n": num_images, "size": "512x512"}
         answer = await call_provider(http, url, job_id, body, settings)
-        try:
-            return [item.get("url") or f"data:image/png;base64,{item['b64_json']}" for item in answer["data"]]
+        try:  # + rather than an f-string: a b64_json that is no string (null, say) is the wrong shape
+            return [item.get("url") or "data:image/png;base64," + item["b64_json"] for item in answer["data"]]
         except (TypeError, KeyError, AttributeError):
             return answer  # not the shape asked for: the worker's check says what came
     await asyncio.sleep(settings.image_provider_delay)
@@ -541,7 +541,7 @@ async def call_provider(
             raise ProviderError(error, final=True)
     except aiohttp.ClientError as error:
         raise ProviderError(f"the provider could not be reached: {type(error).__name__}: {error}") from None
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested too deep for the parser
         raise ProviderError("the provider's answer is not JSON") from None
 
 
@@ -567,7 +567,8 @@ def checked_image(image: str) -> Image:
     """A picture as the provider gave it: an http(s) URL as is, a data:image/...;base64, URI decoded."""
     media_type, _, data = image.partition(";base64,")
     if re.fullmatch(r"data:image/[\w.+-]{1,100}", media_type, re.ASCII) and data:
-        with contextlib.suppress(binascii.Error):
+        # binascii.Error for bad base64; a plain ValueError for a character outside ASCII.
+        with contextlib.suppress(ValueError):
             return media_type.removeprefix("data:"), base64.b64decode(data, validate=True)
     if image.startswith(("https://", "http://")) and storable(image) == image:
         return image
@@ -679,6 +680,10 @@ class Notifications:
         self.url = settings.listen_database_url or settings.database_url
         self.poll_interval = settings.worker_poll_interval
         self.pool, self.metrics, self.outage = pool, metrics, outage
+        # A LISTEN connection that goes elsewhere and fails is no outage of the pool's database: it
+        # must not say that database is down, nor make a shutdown skip handing jobs back.
+        elsewhere = Outage(f"LISTEN_DATABASE_URL ({database_address(self.url)})")
+        self.listen_outage = outage if self.url == settings.database_url else elsewhere
         self.on_new_job: Callable[[], None] = lambda: None
         self.on_jobs_ended: Callable[[set[str]], None] = lambda job_ids: None
         self.waiters: dict[str, set[asyncio.Event]] = {}
@@ -686,7 +691,8 @@ class Notifications:
         self.ended_jobs: list[str] = []
         self.outbox = asyncio.Event()
         self.nonce = uuid.uuid4().hex
-        self.arriving: bool | None = True  # at the last ping; None: no connection now
+        # At the last ping; None: no connection now (nor yet at the start, when the first may fail).
+        self.arriving: bool | None = None
 
     def jobs_created(self) -> None:
         self.on_new_job()  # this process's worker need not wait for the notification to come back
@@ -758,6 +764,7 @@ class Notifications:
                 pong.clear()
                 await self.pool.execute(NOTIFY, ["generations_ping"], [self.nonce])
                 self.outage.over()
+                self.listen_outage.over()
                 await wait_up_to(QUERY_TIMEOUT_SECONDS, pong)
                 self._note_arriving(pong.is_set())
                 if not pong.is_set():  # try a new connection later; poll meanwhile
@@ -839,6 +846,7 @@ class Worker:
         )  # fmt: skip
         self.held: dict[Claim, asyncio.Task[None]] = {}
         self.finished: list[tuple[Claim, str, list[str]]] = []
+        self.failing: set[Claim] = set()  # failed attempts whose task is writing that outcome
         self.wakeup = asyncio.Event()
         self.results_ready = asyncio.Event()
         self.writing = asyncio.Lock()
@@ -882,7 +890,8 @@ class Worker:
         if self.outage.since is not None:  # each write would wait out its timeouts: leases bring the jobs back
             return
         try:
-            await self.complete(self.finished[:])
+            if self.finished:  # as the writer does: one by one when PostgreSQL refuses the batch
+                await self.write_results()
         except Exception as error:  # their leases will run out and they will be claimed again
             self.outage.report("recording completed jobs at shutdown", error)
         if not self.held:
@@ -955,6 +964,7 @@ class Worker:
         final = isinstance(error, ProviderError) and error.final
         delay = getattr(error, "retry_after", None) or retry_delay(claim.attempt)
         del error  # its traceback holds the attempt's frames (a refused answer's buffer): free them now
+        self.failing.add(claim)  # the write ends the claim: stop_lost must not take that for a loss
         try:
             await self.retry_or_fail([claim], text, delay, result, final)
         except Exception as db_error:  # the lease will run out and the job will be claimed again
@@ -1030,6 +1040,7 @@ class Worker:
     def release(self, claim: Claim) -> None:
         """Free the claim's slot, and look for more work."""
         self.held.pop(claim, None)
+        self.failing.discard(claim)
         self.wakeup.set()
 
     async def keep_leases(self) -> None:
@@ -1043,10 +1054,10 @@ class Worker:
 
     def stop_lost(self, claims: Iterable[Claim]) -> None:
         """Stop running jobs whose claim is lost (cancelled, ended or taken over): their writes would
-        be fenced anyway. A finished one's outcome is being written, and that write is fenced too."""
+        be fenced anyway. A finished or failing one's outcome is being written, and that write is fenced too."""
         for claim in claims:
             task = self.held.get(claim)
-            if task and not task.done():
+            if task and not task.done() and claim not in self.failing:
                 message = "job %s attempt %d: claim lost (cancelled or taken over), stopping it"
                 logger.warning(message, *claim[:2], extra=about(claim))
                 task.cancel()
@@ -1090,10 +1101,13 @@ def refuse_constant(name: str) -> None:
 async def read_json(request: Request) -> Any:
     """The POST body as JSON. Not request.json(): it would read a body of any size and take NaN."""
     body = b""
-    async for chunk in request.stream():  # stop reading as soon as the body is too large
-        body += chunk
-        if len(body) > MAX_BODY_BYTES:
-            raise HTTPException(413, f"The request body is larger than {MAX_BODY_BYTES // 1024} KiB.")
+    try:
+        async for chunk in request.stream():  # stop reading as soon as the body is too large
+            body += chunk
+            if len(body) > MAX_BODY_BYTES:
+                raise HTTPException(413, f"The request body is larger than {MAX_BODY_BYTES // 1024} KiB.")
+    except ClientDisconnect:  # the client's doing, not a 500 (no one is left to read the answer)
+        raise HTTPException(400, "The request body ended before it was complete.") from None
     kind, _, subtype = request.headers.get("content-type", "").split(";", 1)[0].strip().lower().partition("/")
     if kind != "application" or not (subtype == "json" or subtype.endswith("+json")):
         raise HTTPException(415, "Send the body as JSON, with Content-Type: application/json.")
@@ -1483,9 +1497,10 @@ async def lifespan(app: Starlette, settings: Settings, metrics: Metrics) -> Asyn
     notifications = Notifications(settings, pool, metrics, outage)
     worker = Worker(pool, settings, notifications, metrics, outage) if settings.worker_concurrency else None
     worker_tasks = worker.start() if worker else []
+    listen = keep_running("listening", notifications.listen, notifications.listen_outage)
     background = [
         *worker_tasks,
-        asyncio.create_task(keep_running("listening", notifications.listen, outage), name="notification listener"),
+        asyncio.create_task(listen, name="notification listener"),
         asyncio.create_task(keep_running("notifying", notifications.send, outage), name="notification sender"),
     ]
     if settings.job_retention_seconds:

@@ -34,6 +34,7 @@ from referencing.jsonschema import DRAFT202012
 
 import app
 from conftest import eventually, running
+from scripts.service import free_port
 from test_app import JSON, SettingsFactory, assert_problem, insert_job, job_row, post_job, wait_for_status
 
 TOKEN = "s3cret-token"
@@ -545,6 +546,21 @@ async def test_a_long_poll_returns_when_another_replica_completes_the_job(
     assert (await job_row(db, job["jobId"]))["status"] == "completed"
 
 
+async def test_a_long_poll_looks_again_at_each_poll_interval_when_no_listen_connection_was_ever_made(
+    settings: SettingsFactory, long_polls: Callable[[int], Awaitable[None]]
+) -> None:
+    """With LISTEN_DATABASE_URL unreachable from the start, no announcement is heard: a poll looks
+    again at each poll interval, and answers soon after a worker elsewhere ends the job."""
+    unreachable = f"postgresql://generations@127.0.0.1:{free_port()}/none"
+    async with serving(settings(worker_concurrency=0, listen_database_url=unreachable)) as api:
+        job = await post_job(api)
+        async with polling(api, job) as [poll]:
+            await long_polls(1)
+            async with serving(settings(worker_concurrency=1)), asyncio.timeout(5):
+                response = await poll  # well before its 30 seconds
+    assert (response.json()["jobId"], response.json()["status"]) == (job["jobId"], "completed")
+
+
 async def test_a_long_poll_answers_with_the_current_state_when_its_wait_is_over(settings: SettingsFactory) -> None:
     """When nothing happens, ?wait=0.5 answers after half a second with the job as it is (pending)."""
     async with serving(settings(worker_concurrency=0)) as client:
@@ -874,6 +890,32 @@ async def test_listing_parameters_beyond_any_range_are_400(settings: SettingsFac
     """A well-formed cursor naming a moment outside the calendar, or a limit of 5000 digits, is a 400, not a 500."""
     async with serving(settings(worker_concurrency=0)) as client:
         assert_problem(await client.get("/generations", params=query), 400)
+
+
+@pytest.mark.parametrize("path", ["/generations", "/generations/batch"])
+async def test_a_client_that_leaves_halfway_through_its_body_is_no_server_error(
+    settings: SettingsFactory, db: asyncpg.Connection, caplog: pytest.LogCaptureFixture, path: str
+) -> None:
+    """A POST whose client hangs up before its body is complete (as uvicorn tells the app) is the
+    client's doing: no job, no 500 and no error logged."""
+    messages = iter([{"type": "http.request", "body": b'{"numIm', "more_body": True}, {"type": "http.disconnect"}])
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return next(messages)
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    headers = [(b"host", b"test"), (b"content-type", b"application/json")]
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http"}
+    scope |= {"path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "", "headers": headers}
+    async with running(settings(worker_concurrency=0)) as client:
+        await client._transport.app(scope, receive, send)  # type: ignore[attr-defined]
+    [start] = [message for message in sent if message["type"] == "http.response.start"]
+    assert start["status"] == 400
+    assert [record.getMessage() for record in caplog.records if record.levelno >= logging.ERROR] == []
+    assert await db.fetchval("SELECT count(*) FROM jobs") == 0
 
 
 # --- Fuzzing ---------------------------------------------------------------------------------

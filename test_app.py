@@ -20,6 +20,7 @@ from asgi_lifespan import LifespanManager
 import app
 from conftest import eventually, running
 from scripts.pg import EmbeddedPostgres
+from scripts.service import free_port
 
 JSON = {"Content-Type": "application/json"}
 URL_PATTERN = re.compile(r"https://placehold\.co/512x512/png\?text=a\+cute\+([a-z]+)\+(\d+)")
@@ -545,6 +546,32 @@ async def test_the_lease_keeper_stops_a_cancelled_job_and_frees_its_slot(
     assert (row["status"], row["attempts"], row["animal"], row["image_urls"]) == ("cancelled", 1, None, None)
 
 
+async def test_a_failed_attempt_whose_write_answers_late_is_no_lost_claim(
+    settings: SettingsFactory, db: asyncpg.Connection, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The write that fails a job (MAX_ATTEMPTS=1) commits, but its answer comes back late, and the
+    lease keeper's extension meanwhile finds the job no longer processing. That is the attempt's own
+    outcome, not a lost claim: no line says the claim was lost, and the attempt counts as failed."""
+    real_fetch = asyncpg.Pool.fetch
+
+    async def late_answer_to_failures(pool: asyncpg.Pool, query: str, *args: object, **kwargs: object) -> list:
+        rows = await real_fetch(pool, query, *args, **kwargs)
+        if query == app.RETRY_OR_FAIL_JOBS:
+            await asyncio.sleep(1)  # committed; the answer is on its way (the keeper runs every 1/3 s)
+        return rows
+
+    monkeypatch.setattr(asyncpg.Pool, "fetch", late_answer_to_failures)
+    config = settings(image_provider_failure_rate=1.0, max_attempts=1, job_lease_seconds=1)
+    async with running(config) as client:
+        job = await post_job(client)
+        await wait_for_status(db, job["jobId"], "failed")
+        await asyncio.sleep(1.5)  # the answer has come back
+        text = (await client.get("/metrics")).text
+    assert [r.getMessage() for r in caplog.records if "claim lost" in r.getMessage()] == []
+    assert metric(text, 'generations_attempts_total{result="failed"}') == 1
+    assert metric(text, 'generations_attempts_total{result="lost"}') == 0
+
+
 async def test_only_due_jobs_are_claimed_and_each_only_once(db: asyncpg.Connection, db_url: str) -> None:
     """Claims skip jobs in backoff, jobs under a live lease, and rows another claim has locked."""
     due = await insert_job(db)
@@ -569,6 +596,24 @@ async def test_shutdown_hands_unfinished_jobs_back_at_once(settings: SettingsFac
     assert (row["status"], row["attempts"]) == ("pending", 1)  # the interrupted attempt counts
     assert row["error"] == "the attempt was interrupted by a shutdown"
     assert row["available_at"] <= await db.fetchval("SELECT now()")
+
+
+async def test_a_listen_database_that_cannot_be_reached_is_no_outage_of_the_database(
+    settings: SettingsFactory, db: asyncpg.Connection, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With LISTEN_DATABASE_URL unreachable (the pool's database is fine), the log never says the
+    database is unavailable, and a shutdown still hands the unfinished job back at once."""
+    unreachable = f"postgresql://generations@127.0.0.1:{free_port()}/none"
+    config = settings(
+        listen_database_url=unreachable, worker_concurrency=1, image_provider_delay=60, shutdown_grace_seconds=0.2
+    )
+    async with running(config) as client:
+        job = await post_job(client)
+        await wait_for_status(db, job["jobId"], "processing")
+        await asyncio.sleep(2 * app.ERROR_BACKOFF_SECONDS)  # the LISTEN connection is tried again meanwhile
+    row = await job_row(db, job["jobId"])
+    assert (row["status"], row["error"]) == ("pending", "the attempt was interrupted by a shutdown")
+    assert [r.getMessage() for r in caplog.records if "the database is unavailable" in r.getMessage()] == []
 
 
 async def test_shutdown_lets_running_jobs_finish_within_the_grace_period(
@@ -609,6 +654,44 @@ async def test_shutdown_lets_running_jobs_finish_within_the_grace_period(
     messages = [record.getMessage() for record in caplog.records if record.name == "generations"]
     assert "shutting down: waiting up to 10s for running jobs: 2" in messages  # they did finish during the grace
     assert [m for m in messages if "result dropped" in m or "claim lost" in m or "handed" in m] == []
+
+
+async def test_a_result_postgresql_refuses_at_shutdown_does_not_keep_the_rest_from_being_written(
+    settings: SettingsFactory, db: asyncpg.Connection, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two jobs finish within the grace period while the writer is busy with a third (its write
+    answers late), so the shutdown writes them itself; PostgreSQL refuses one's result (a content
+    type with a NUL, as in the test above). The other still completes, on its first attempt, and
+    is not handed back to run again."""
+    real_fetch, real_provider, real_check = asyncpg.Pool.fetch, app.generate_images, app.checked_images
+
+    async def late_answer_to_completions(pool: asyncpg.Pool, query: str, *args: object, **kwargs: object) -> list:
+        rows = await real_fetch(pool, query, *args, **kwargs)
+        if query == app.COMPLETE_JOBS:
+            await asyncio.sleep(1)  # committed; the answer is on its way
+        return rows
+
+    async def one_image_first(
+        job_id: uuid.UUID, attempt: int, animal: str, num_images: int, settings: app.Settings, http: Any
+    ) -> list[str]:
+        delay = 0.3 if num_images == 1 else 0.6
+        return await real_provider(
+            job_id, attempt, animal, num_images, dataclasses.replace(settings, image_provider_delay=delay), http
+        )
+
+    def poisons_two_images(images: object, num_images: int) -> list[app.Image]:
+        return [("image/png\x00", b"x")] * 2 if num_images == 2 else real_check(images, num_images)
+
+    monkeypatch.setattr(asyncpg.Pool, "fetch", late_answer_to_completions)
+    monkeypatch.setattr(app, "generate_images", one_image_first)
+    monkeypatch.setattr(app, "checked_images", poisons_two_images)
+    async with running(settings(shutdown_grace_seconds=10, max_attempts=2)) as client:
+        jobs = [await post_job(client, n) for n in (1, 2, 3)]
+        for job in jobs:
+            await wait_for_status(db, job["jobId"], "processing")
+    first, bad, good = [await job_row(db, job["jobId"]) for job in jobs]
+    assert (first["status"], good["status"], good["attempts"]) == ("completed", "completed", 1)
+    assert bad["status"] != "completed" and bad["error"].startswith("the result could not be stored")
 
 
 async def test_api_only_mode_runs_no_worker(settings: SettingsFactory, db: asyncpg.Connection) -> None:

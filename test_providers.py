@@ -499,12 +499,15 @@ WRONG_SHAPES = [
     ("http", {"imageUrls": ["https://x.example/1.png"]}, "not 2 images"),
     ("http", {"imageUrls": ["https://x.example/1.png", "ftp://x.example/2.png"]}, "ftp://x.example/2.png"),
     ("http", {"imageUrls": ["https://x.example/1.png", "data:image/png;base64,@@not base64@@"]}, "@@not base64@@"),
+    ("http", {"imageUrls": ["https://x.example/1.png", "data:image/png;base64,\u00e9t\u00e9"]}, "base64,\u00e9t\u00e9"),
     ("http", {"images": ["https://x.example/1.png", "https://x.example/2.png"]}, "None"),
     ("http", "<html>gateway says hi</html>", "not JSON"),
+    ("http", "[" * 50_000, "not JSON"),  # too deep for the parser
     ("openai", {"data": "x"}, "{'data': 'x'}"),
     ("openai", {"data": [{"url": "https://x.example/1.png"}]}, "not 2 images"),
     ("openai", {"data": [{"b64_json": "@@not base64@@"}, {"b64_json": "AAAA"}]}, "@@not base64@@"),
     ("openai", {"data": [{}, {}]}, "[{}, {}]"),
+    ("openai", {"data": [{"b64_json": None}, {"b64_json": True}]}, "'b64_json': None"),  # "None" is valid base64
 ]
 
 
