@@ -57,6 +57,32 @@ async def wait_for_status(db: asyncpg.Connection, job_id: str | uuid.UUID, *stat
     return await eventually(reached, within)
 
 
+def answer_late(monkeypatch: pytest.MonkeyPatch, query: str, seconds: float) -> None:
+    """Hold back the answer to `query` through the pool for `seconds` after it has committed."""
+    real_fetch = asyncpg.Pool.fetch
+
+    async def fetch(pool: asyncpg.Pool, sql: str, *args: object, **kwargs: object) -> list:
+        rows = await real_fetch(pool, sql, *args, **kwargs)
+        if sql == query:
+            await asyncio.sleep(seconds)  # committed; the answer is on its way
+        return rows
+
+    monkeypatch.setattr(asyncpg.Pool, "fetch", fetch)
+
+
+def provider_taking(monkeypatch: pytest.MonkeyPatch, seconds: dict[int, float]) -> None:
+    """The mock provider taking seconds[n] for a job of n images."""
+    real_provider = app.generate_images
+
+    async def generate(
+        job_id: uuid.UUID, attempt: int, animal: str, num_images: int, settings: app.Settings, http: Any
+    ) -> list[str]:
+        slower = dataclasses.replace(settings, image_provider_delay=seconds[num_images])
+        return await real_provider(job_id, attempt, animal, num_images, slower, http)
+
+    monkeypatch.setattr(app, "generate_images", generate)
+
+
 def assert_problem(response: httpx.Response, status: int, detail: str | None = None) -> None:
     """The response is an RFC 9457 problem with this status (and detail)."""
     assert response.status_code == status, response.text
@@ -547,26 +573,22 @@ async def test_the_lease_keeper_stops_a_cancelled_job_and_frees_its_slot(
 
 
 async def test_a_failed_attempt_whose_write_answers_late_is_no_lost_claim(
-    settings: SettingsFactory, db: asyncpg.Connection, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+    settings: SettingsFactory, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The write that fails a job (MAX_ATTEMPTS=1) commits, but its answer comes back late, and the
     lease keeper's extension meanwhile finds the job no longer processing. That is the attempt's own
     outcome, not a lost claim: no line says the claim was lost, and the attempt counts as failed."""
-    real_fetch = asyncpg.Pool.fetch
-
-    async def late_answer_to_failures(pool: asyncpg.Pool, query: str, *args: object, **kwargs: object) -> list:
-        rows = await real_fetch(pool, query, *args, **kwargs)
-        if query == app.RETRY_OR_FAIL_JOBS:
-            await asyncio.sleep(1)  # committed; the answer is on its way (the keeper runs every 1/3 s)
-        return rows
-
-    monkeypatch.setattr(asyncpg.Pool, "fetch", late_answer_to_failures)
+    answer_late(monkeypatch, app.RETRY_OR_FAIL_JOBS, 1)  # the lease keeper runs every 1/3 s meanwhile
     config = settings(image_provider_failure_rate=1.0, max_attempts=1, job_lease_seconds=1)
     async with running(config) as client:
-        job = await post_job(client)
-        await wait_for_status(db, job["jobId"], "failed")
-        await asyncio.sleep(1.5)  # the answer has come back
-        text = (await client.get("/metrics")).text
+        await post_job(client)
+
+        async def attempt_counted() -> str | None:
+            """The metrics, once the attempt is counted (as failed, or as lost)."""
+            text = (await client.get("/metrics")).text
+            return text if 'generations_attempts_total{result="' in text else None
+
+        text = await eventually(attempt_counted)
     assert [r.getMessage() for r in caplog.records if "claim lost" in r.getMessage()] == []
     assert metric(text, 'generations_attempts_total{result="failed"}') == 1
     assert metric(text, 'generations_attempts_total{result="lost"}') == 0
@@ -624,25 +646,8 @@ async def test_shutdown_lets_running_jobs_finish_within_the_grace_period(
     lost. Here the first job's completing write commits but its answer comes back late, and the
     second job ends the grace period meanwhile: the shutdown must let that write end, not cut it
     and write the result again."""
-    real_fetch, real_provider = asyncpg.Pool.fetch, app.generate_images
-
-    async def late_answer_to_completions(pool: asyncpg.Pool, query: str, *args: object, **kwargs: object) -> list:
-        rows = await real_fetch(pool, query, *args, **kwargs)
-        if query == app.COMPLETE_JOBS:
-            await asyncio.sleep(0.4)  # committed; the answer is on its way
-        return rows
-
-    async def one_image_first(
-        job_id: uuid.UUID, attempt: int, animal: str, num_images: int, settings: app.Settings, http: Any
-    ) -> list[str]:
-        """0.5 s for a job of one image, 0.7 s for two: the second ends while the first is being written."""
-        delay = 0.5 if num_images == 1 else 0.7
-        return await real_provider(
-            job_id, attempt, animal, num_images, dataclasses.replace(settings, image_provider_delay=delay), http
-        )
-
-    monkeypatch.setattr(asyncpg.Pool, "fetch", late_answer_to_completions)
-    monkeypatch.setattr(app, "generate_images", one_image_first)
+    answer_late(monkeypatch, app.COMPLETE_JOBS, 0.4)
+    provider_taking(monkeypatch, {1: 0.5, 2: 0.7})  # the second ends while the first is being written
     caplog.set_level(logging.INFO, logger="generations")
     async with running(settings(shutdown_grace_seconds=10)) as client:
         jobs = [await post_job(client, 1), await post_job(client, 2)]
@@ -663,27 +668,13 @@ async def test_a_result_postgresql_refuses_at_shutdown_does_not_keep_the_rest_fr
     answers late), so the shutdown writes them itself; PostgreSQL refuses one's result (a content
     type with a NUL, as in the test above). The other still completes, on its first attempt, and
     is not handed back to run again."""
-    real_fetch, real_provider, real_check = asyncpg.Pool.fetch, app.generate_images, app.checked_images
-
-    async def late_answer_to_completions(pool: asyncpg.Pool, query: str, *args: object, **kwargs: object) -> list:
-        rows = await real_fetch(pool, query, *args, **kwargs)
-        if query == app.COMPLETE_JOBS:
-            await asyncio.sleep(1)  # committed; the answer is on its way
-        return rows
-
-    async def one_image_first(
-        job_id: uuid.UUID, attempt: int, animal: str, num_images: int, settings: app.Settings, http: Any
-    ) -> list[str]:
-        delay = 0.3 if num_images == 1 else 0.6
-        return await real_provider(
-            job_id, attempt, animal, num_images, dataclasses.replace(settings, image_provider_delay=delay), http
-        )
+    real_check = app.checked_images
 
     def poisons_two_images(images: object, num_images: int) -> list[app.Image]:
         return [("image/png\x00", b"x")] * 2 if num_images == 2 else real_check(images, num_images)
 
-    monkeypatch.setattr(asyncpg.Pool, "fetch", late_answer_to_completions)
-    monkeypatch.setattr(app, "generate_images", one_image_first)
+    answer_late(monkeypatch, app.COMPLETE_JOBS, 1)
+    provider_taking(monkeypatch, {1: 0.3, 2: 0.6, 3: 0.6})
     monkeypatch.setattr(app, "checked_images", poisons_two_images)
     async with running(settings(shutdown_grace_seconds=10, max_attempts=2)) as client:
         jobs = [await post_job(client, n) for n in (1, 2, 3)]
