@@ -394,9 +394,14 @@ DATABASE_UNAVAILABLE = (
 )
 
 
+# The titles RFC 9110 gives these statuses, which Python's own took only in 3.13: the same on any Python.
+RFC_9110_TITLES = {413: "Content Too Large", 422: "Unprocessable Content"}
+
+
 def problem(status: int, detail: str, headers: Mapping[str, str] | None = None) -> JSONResponse:
     """An RFC 9457 problem response; `detail` says what to do about it."""
-    body = {"type": "about:blank", "title": HTTPStatus(status).phrase, "status": status, "detail": detail}
+    title = RFC_9110_TITLES.get(status) or HTTPStatus(status).phrase
+    body = {"type": "about:blank", "title": title, "status": status, "detail": detail}
     return JSONResponse(body, status, headers=headers, media_type="application/problem+json")
 
 

@@ -83,14 +83,22 @@ def provider_taking(monkeypatch: pytest.MonkeyPatch, seconds: dict[int, float]) 
     monkeypatch.setattr(app, "generate_images", generate)
 
 
+# RFC 9110's name for each status, as every Python must give it (3.11's own differ for 413, 422).
+TITLES = {
+    400: "Bad Request", 401: "Unauthorized", 404: "Not Found", 405: "Method Not Allowed", 409: "Conflict",
+    413: "Content Too Large", 415: "Unsupported Media Type", 422: "Unprocessable Content",
+    500: "Internal Server Error", 503: "Service Unavailable",
+}  # fmt: skip
+
+
 def assert_problem(response: httpx.Response, status: int, detail: str | None = None) -> None:
-    """The response is an RFC 9457 problem with this status (and detail)."""
+    """The response is an RFC 9457 problem with this status, its title (and detail)."""
     assert response.status_code == status, response.text
     assert response.headers["content-type"] == "application/problem+json"
     body = response.json()
     assert body["type"] == "about:blank"
-    assert body["status"] == status
-    assert body["title"] and body["detail"]
+    assert (body["status"], body["title"]) == (status, TITLES[status])
+    assert body["detail"]
     if detail is not None:
         assert body["detail"] == detail
 
