@@ -1389,7 +1389,8 @@ async def database_unavailable(request: Request, error: Exception) -> Response:
 async def internal_error(request: Request, error: Exception) -> Response:
     """Log an unexpected error with a request id the client can quote; leak nothing."""
     request_id = log_context.get().get("request_id")
-    logger.error("%s %s failed", request.method, request.url.path, exc_info=error)
+    # In the message, not only in log_context: the text format shows no request_id field.
+    logger.error("%s %s failed (request id %s)", request.method, request.url.path, request_id, exc_info=error)
     return problem(500, f"Something went wrong on our side; quote request id {request_id} when reporting it.")
 
 

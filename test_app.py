@@ -331,6 +331,28 @@ async def test_routing_errors_are_problems(client: httpx.AsyncClient) -> None:
     assert_problem(await client.put(f"/generations/{uuid.uuid4()}"), 405)
 
 
+async def test_a_500_is_logged_with_the_request_id_the_client_is_told(
+    settings: SettingsFactory, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An unexpected error is a 500 problem that leaks nothing, and the line logged for it names the request
+    id the client is told to quote, in the default text format too (which shows no request_id field)."""
+
+    def broken(job: asyncpg.Record) -> dict[str, Any]:
+        raise RuntimeError("SELECT secret FROM jobs")
+
+    monkeypatch.setattr(app, "job_json", broken)
+    async with LifespanManager(app.create_app(settings(worker_concurrency=0))) as manager:
+        transport = httpx.ASGITransport(app=manager.app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            response = await client.post("/generations", json={"numImages": 1}, headers={"X-Request-ID": "req-7"})
+    assert_problem(response, 500)
+    assert "req-7" in response.json()["detail"]
+    assert "SELECT" not in response.text
+    text = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    errors = [text.format(r) for r in caplog.records if r.name == "generations" and r.levelno == logging.ERROR]
+    assert errors and all("req-7" in line.splitlines()[0] for line in errors), errors
+
+
 # --- The worker ------------------------------------------------------------------------------
 
 
