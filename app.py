@@ -205,7 +205,10 @@ def database_address(url: str) -> str:
     """The host:port (or socket directory:port) a PostgreSQL URL points at; never its password."""
     parts, query = urlsplit(url), parse_qs(urlsplit(url).query)
     host = query.get("host", [parts.hostname or "localhost"])[0]
-    return f"{host}:{query.get('port', [parts.port or 5432])[0]}"  # .port raises ValueError for a bad one
+    port = str(query.get("port", [parts.port or 5432])[0])  # .port raises ValueError for a bad one
+    for number in port.split(","):  # so does int() for a bad ?port= (a list with several hosts)
+        int(number)
+    return f"{host}:{port}"
 
 
 # --- SQL -----------------------------------------------------------------------------------

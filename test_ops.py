@@ -328,7 +328,13 @@ def run_app(**env: str) -> tuple[subprocess.CompletedProcess[str], float]:
 
 @pytest.mark.parametrize(
     ("name", "value"),
-    [("DATABASE_URL", "nonsense"), ("DATABASE_URL", "mysql://u:p@127.0.0.1/x"), ("LISTEN_DATABASE_URL", "nonsense")],
+    [
+        ("DATABASE_URL", "nonsense"),
+        ("DATABASE_URL", "mysql://u:p@127.0.0.1/x"),
+        ("LISTEN_DATABASE_URL", "nonsense"),
+        ("DATABASE_URL", "postgresql://u@127.0.0.1/x?port=abc"),  # asyncpg raises ValueError for it at connect
+        ("LISTEN_DATABASE_URL", "postgresql://u@127.0.0.1/x?host=127.0.0.1&port=5432,x"),
+    ],
 )
 def test_a_database_url_that_is_not_postgresql_stops_startup_at_once(name: str, value: str) -> None:
     """A URL that is not a PostgreSQL URL is a configuration error: exit status 1 within 2 s, with one line
