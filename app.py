@@ -645,6 +645,8 @@ async def apply_schema(pool: asyncpg.Pool) -> None:
             try:
                 async with connection.transaction():
                     await connection.execute(LOCK_SCHEMA, timeout=None)  # another replica may be applying it
+                    if await schema_version(connection) == version:  # it was while we waited: lock nothing
+                        break
                     await connection.execute(LIMIT_LOCK_WAIT)
                     await connection.execute(schema, timeout=None)  # an index on a large table takes a while
                     await connection.execute(SET_SCHEMA_VERSION, version)
@@ -656,7 +658,8 @@ async def apply_schema(pool: asyncpg.Pool) -> None:
 
 async def schema_version(connection: asyncpg.Connection) -> str | None:
     with contextlib.suppress(asyncpg.UndefinedTableError):
-        return await connection.fetchval(SELECT_SCHEMA_VERSION)
+        async with connection.transaction():  # in apply_schema's, a savepoint: a missing table must not abort it
+            return await connection.fetchval(SELECT_SCHEMA_VERSION)
     return None
 
 

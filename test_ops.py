@@ -536,3 +536,34 @@ async def test_a_database_of_the_previous_version_is_upgraded_on_start(
     assert (first.status_code, again.status_code) == (202, 200)
     assert again.json() == first.json()
     assert (replay.status_code, replay.json()["jobId"]) == (200, str(old_job))
+
+
+async def test_a_replica_that_waited_while_another_applied_the_schema_does_not_apply_it_again(
+    db_url: str, db: asyncpg.Connection, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Replicas that start together on an outdated schema take turns at schema.sql. One that waited for its
+    turn while another applied it finds the schema current: it takes no lock on jobs, so it neither waits
+    for nor holds up the transactions of replicas already running (here: a read in a transaction)."""
+    current = await db.fetchval(app.SELECT_SCHEMA_VERSION)
+    await db.execute("UPDATE schema_version SET version = 'an older one'")
+    other, reader = await asyncpg.connect(db_url), await asyncpg.connect(db_url)
+    pool = await asyncpg.create_pool(db_url, min_size=1, max_size=1)
+    try:
+        applying = other.transaction()  # the replica whose turn it is
+        await applying.start()
+        await other.execute(app.LOCK_SCHEMA)
+        starting = asyncio.create_task(app.apply_schema(pool))
+        waiting = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+        await eventually(lambda: db.fetchval(waiting))
+        await other.execute("UPDATE schema_version SET version = $1", current)  # it applied schema.sql
+        async with reader.transaction():
+            await reader.fetchval("SELECT count(*) FROM jobs")
+            await applying.commit()
+            await asyncio.wait_for(starting, 10)
+    finally:
+        await pool.close()
+        await other.close()
+        await reader.close()
+    messages = [record.getMessage() for record in caplog.records if record.name == "generations"]
+    assert not [message for message in messages if "schema.sql" in message], messages
+    assert await db.fetchval(app.SELECT_SCHEMA_VERSION) == current
