@@ -82,6 +82,9 @@ PUBLIC_PATHS = frozenset({"/", "/health", "/ready", "/openapi.json"})
 # Timeouts that keep a lost database from hanging a request: fail fast, answer 503.
 CONNECT_TIMEOUT_SECONDS = 3.0
 QUERY_TIMEOUT_SECONDS = 4.0
+# schema.sql (an index on a large table takes a while) and the wait for the replica applying it
+# get this instead: asyncpg reads timeout=None as the query timeout above, not as none.
+SCHEMA_TIMEOUT_SECONDS = 24 * 3600.0
 # How long a background loop waits after an error before it tries again.
 ERROR_BACKOFF_SECONDS = 1.0
 # How often the LISTEN connection proves that notifications arrive (a ping it sends itself).
@@ -644,11 +647,11 @@ async def apply_schema(pool: asyncpg.Pool) -> None:
         while await schema_version(connection) != version:
             try:
                 async with connection.transaction():
-                    await connection.execute(LOCK_SCHEMA, timeout=None)  # another replica may be applying it
+                    await connection.execute(LOCK_SCHEMA, timeout=SCHEMA_TIMEOUT_SECONDS)  # another may be applying it
                     if await schema_version(connection) == version:  # it was while we waited: lock nothing
                         break
                     await connection.execute(LIMIT_LOCK_WAIT)
-                    await connection.execute(schema, timeout=None)  # an index on a large table takes a while
+                    await connection.execute(schema, timeout=SCHEMA_TIMEOUT_SECONDS)
                     await connection.execute(SET_SCHEMA_VERSION, version)
                 logger.info("applied schema.sql (version %s)", version)
             except asyncpg.LockNotAvailableError:

@@ -567,3 +567,25 @@ async def test_a_replica_that_waited_while_another_applied_the_schema_does_not_a
     messages = [record.getMessage() for record in caplog.records if record.name == "generations"]
     assert not [message for message in messages if "schema.sql" in message], messages
     assert await db.fetchval(app.SELECT_SCHEMA_VERSION) == current
+
+
+async def test_a_replica_waits_as_long_as_another_takes_to_apply_the_schema(
+    settings: SettingsFactory, db: asyncpg.Connection, db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While one replica applies schema.sql (an index on a large jobs table takes a while), another starting
+    beside it waits for its turn however long that takes: the query timeout of requests does not apply."""
+    monkeypatch.setattr(app, "QUERY_TIMEOUT_SECONDS", 0.5)
+    current = await db.fetchval(app.SELECT_SCHEMA_VERSION)
+    await db.execute("UPDATE schema_version SET version = 'an older one'")
+    other = await asyncpg.connect(db_url)
+    try:
+        async with other.transaction():  # the replica whose turn it is
+            await other.execute(app.LOCK_SCHEMA)
+            starting = asyncio.create_task(app.open_pool(settings()))
+            await asyncio.sleep(1.5)
+            assert not starting.done() or starting.result()
+            await other.execute("UPDATE schema_version SET version = $1", current)
+        pool = await asyncio.wait_for(starting, 10)
+        await pool.close()
+    finally:
+        await other.close()
