@@ -865,6 +865,7 @@ class Worker:
         self.results_ready = asyncio.Event()
         self.writing = asyncio.Lock()
         self.stopping = asyncio.Event()
+        self.grace_ends: float | None = None  # the loop's time when running jobs must have finished
         # One client for every provider call, with a connection per slot at most.
         connections = aiohttp.TCPConnector(limit=settings.worker_concurrency)
         self.http = aiohttp.ClientSession(connector=connections, timeout=aiohttp.ClientTimeout(total=None))
@@ -881,7 +882,10 @@ class Worker:
         ]
 
     def stop_claiming(self) -> None:
-        """Claim nothing more (the first step of a shutdown, taken as soon as the signal arrives)."""
+        """Claim nothing more (the first step of a shutdown, taken as soon as the signal arrives). The grace
+        of running jobs counts from now: uvicorn may spend as long again draining open requests first."""
+        if self.grace_ends is None:
+            self.grace_ends = asyncio.get_running_loop().time() + self.settings.shutdown_grace_seconds
         self.stopping.set()
         self.wakeup.set()
 
@@ -890,9 +894,10 @@ class Worker:
         claimer, writer, keeper = tasks
         await asyncio.gather(claimer, return_exceptions=True)
         if running := [task for task in self.held.values() if not task.done()]:
-            grace = self.settings.shutdown_grace_seconds
+            grace, loop = self.settings.shutdown_grace_seconds, asyncio.get_running_loop()
             logger.info("shutting down: waiting up to %gs for running jobs: %d", grace, len(running))
-            _, unfinished = await asyncio.wait(running, timeout=grace)
+            left = max(0.0, (self.grace_ends or loop.time() + grace) - loop.time())
+            _, unfinished = await asyncio.wait(running, timeout=left)
             for task in unfinished:
                 task.cancel()
             await asyncio.gather(*unfinished, return_exceptions=True)

@@ -11,12 +11,14 @@ import asyncio
 import contextlib
 import json
 import re
+import socket
 import subprocess
 import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
 from urllib.parse import parse_qs, urlsplit
 
@@ -368,6 +370,33 @@ def test_an_unreachable_database_is_tried_then_given_up() -> None:
         rf"{STAMP} ERROR generations: cannot use the database at 127\.0\.0\.1:{port} \(connection refused\); exiting",
         last,
     )
+
+
+# --- Shutdown --------------------------------------------------------------------------------
+
+
+def test_a_request_still_open_at_sigterm_does_not_lengthen_the_grace_of_running_jobs(
+    server_url: str, tmp_path: Path
+) -> None:
+    """uvicorn waits up to SHUTDOWN_GRACE_SECONDS for open requests before the app's shutdown begins. The
+    grace of running jobs counts from the signal all the same: a client still sending its body at SIGTERM
+    does not keep the process running past the grace period (an orchestrator's stop timeout) before the
+    running job is handed back."""
+    grace = 2
+    with empty_database(server_url) as url:
+        service = Service(url, tmp_path / "service.log", SHUTDOWN_GRACE_SECONDS=grace, IMAGE_PROVIDER_DELAY=30)
+        with service, httpx.Client(base_url=service.url, timeout=15) as http:
+            path = f"/generations/{http.post('/generations', json={'numImages': 1}).json()['jobId']}"
+            until(lambda: http.get(path).json()["status"] == "processing", within=10)
+            with socket.create_connection(("127.0.0.1", service.port), timeout=10) as slow:
+                head = b"POST /generations HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                slow.sendall(head + b"Content-Length: 20\r\n\r\n{")  # and no more
+                time.sleep(0.5)
+                signalled = time.monotonic()
+                service.stop(within=30)
+                exited = time.monotonic() - signalled
+    assert "unfinished jobs handed back to the queue: 1;" in service.log()
+    assert exited < grace + 1.5, service.log()
 
 
 # --- A database outage -----------------------------------------------------------------------
