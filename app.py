@@ -222,8 +222,13 @@ JOB_COLUMNS = (
     "id, status, num_images, animal, image_urls, error, attempts, created_at, updated_at, completed_at, batch_index"
 )
 
-# The hash of the schema.sql the database has. The table is missing before the first start.
-SELECT_SCHEMA_VERSION = "SELECT version FROM schema_version"
+# The hash of the schema.sql the database has. The table is missing before the first start. A 1.0
+# replica started since (in a rollout, or a rollback) put its triggers back and left the hash:
+# then there is no row, and schema.sql is applied again.
+SELECT_SCHEMA_VERSION = """
+SELECT version FROM schema_version
+WHERE NOT EXISTS (SELECT FROM pg_trigger WHERE tgname IN ('jobs_notify_new', 'jobs_notify_done'))
+"""
 
 # Replicas that find the schema outdated apply it one at a time.
 LOCK_SCHEMA = "SELECT pg_advisory_xact_lock(hashtext('generations schema'))"

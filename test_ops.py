@@ -506,12 +506,8 @@ TRIGGERS_ON_JOBS = "SELECT tgname FROM pg_trigger WHERE tgrelid = 'jobs'::regcla
 INDEXES_ON_JOBS = "SELECT indexname FROM pg_indexes WHERE tablename = 'jobs'"
 OLD_FUNCTIONS = "SELECT proname FROM pg_proc WHERE proname LIKE 'notify_generations%'"
 
-# What 1.0's schema.sql left in a database: no batch columns, and per-row triggers whose NOTIFY
-# made inserts commit one at a time.
-SCHEMA_1_0 = """
-DROP INDEX jobs_batch_key;
-ALTER TABLE jobs DROP COLUMN batch_index, DROP COLUMN batch_key;
-
+# 1.0's per-row triggers, whose NOTIFY made inserts commit one at a time; 1.0 (re)creates them at every start.
+TRIGGERS_1_0 = """
 CREATE FUNCTION notify_generations_new() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
     PERFORM pg_notify('generations_new', '');
@@ -531,7 +527,13 @@ $$;
 CREATE TRIGGER jobs_notify_done AFTER UPDATE OF status ON jobs
     FOR EACH ROW WHEN (NEW.status IN ('completed', 'failed', 'cancelled') AND OLD.status IS DISTINCT FROM NEW.status)
     EXECUTE FUNCTION notify_generations_done();
+"""
 
+# What 1.0's schema.sql left in a database: no batch columns, and its triggers.
+SCHEMA_1_0 = f"""
+DROP INDEX jobs_batch_key;
+ALTER TABLE jobs DROP COLUMN batch_index, DROP COLUMN batch_key;
+{TRIGGERS_1_0}
 INSERT INTO jobs (num_images, idempotency_key) VALUES (2, 'made-by-1.0');
 """
 
@@ -565,6 +567,18 @@ async def test_a_database_of_the_previous_version_is_upgraded_on_start(
     assert (first.status_code, again.status_code) == (202, 200)
     assert again.json() == first.json()
     assert (replay.status_code, replay.json()["jobId"]) == (200, str(old_job))
+
+
+async def test_triggers_a_1_0_replica_put_back_are_dropped_at_the_next_start(
+    settings: SettingsFactory, db: asyncpg.Connection
+) -> None:
+    """A 1.0 replica started after the schema was upgraded (in a rollout, or a rollback) puts its
+    triggers back and leaves schema_version as it was: the next 1.1 start drops them all the same."""
+    await db.execute(TRIGGERS_1_0)
+    async with serving(settings(worker_concurrency=0)):
+        pass
+    assert await db.fetch(TRIGGERS_ON_JOBS) == []
+    assert await db.fetch(OLD_FUNCTIONS) == []
 
 
 async def test_a_replica_that_waited_while_another_applied_the_schema_does_not_apply_it_again(
