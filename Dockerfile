@@ -1,8 +1,8 @@
 # generations: the HTTP job service as a container image.
 #   docker build -t generations .
-#   docker run --stop-timeout 15 -e DATABASE_URL=postgresql://USER:PASSWORD@HOST:5432/DB -p 127.0.0.1:8000:8000 generations
-# --stop-timeout: docker stop's default of 10 s is SHUTDOWN_GRACE_SECONDS' default, so without it the
-# SIGKILL comes as the grace ends, before running jobs are handed back (a Dockerfile cannot set it).
+#   docker run -e DATABASE_URL=postgresql://USER:PASSWORD@HOST:5432/DB -p 127.0.0.1:8000:8000 generations
+# docker stop sends SIGKILL after 10 s and a Dockerfile cannot change that: the default SHUTDOWN_GRACE_SECONDS
+# (8) ends before, so running jobs are handed back; with a longer grace, give --stop-timeout above it.
 FROM python:3.13-slim
 
 # No .pyc files written at run time (the code is root-owned, read-only to the app user),

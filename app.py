@@ -134,7 +134,7 @@ class Settings:
     job_timeout_seconds: float = _setting(120.0, 0.001, 10 * 365 * 86_400)
     job_retention_seconds: float = _setting(604_800.0, 0, 10 * 365 * 86_400)
     max_attempts: int = _setting(3, 1, 100)
-    shutdown_grace_seconds: float = _setting(10.0, 0, 3600)
+    shutdown_grace_seconds: float = _setting(8.0, 0, 3600)  # under the 10 s docker stop waits before SIGKILL
     image_provider: str = _setting("mock", choices=("mock", "http", "openai"))
     image_provider_url: str = ""
     image_provider_api_key: str | None = dataclasses.field(default=None, repr=False)  # never in a log line
