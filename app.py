@@ -1623,7 +1623,12 @@ def main() -> None:
     try:
         settings = Settings.from_env()
     except ConfigError as error:
-        sys.exit(f"generations: configuration error: {error}")
+        message = f"generations: configuration error: {error}"
+        if os.environ.get("LOG_FORMAT", "").strip().lower() == "json":  # LOG_FORMAT itself was right: keep to it
+            message = JSONLines().format(
+                logging.makeLogRecord({"name": "generations", "levelname": "ERROR", "msg": message})
+            )
+        sys.exit(message)
     configure_logging(settings)
     if not asyncio.run(wait_for_database(settings)):
         sys.exit(1)

@@ -1039,6 +1039,18 @@ def test_a_bad_setting_stops_startup_with_one_line() -> None:
     assert "DATABASE_URL is not set" in missing.stderr and len(missing.stderr.strip().splitlines()) == 1
 
 
+def test_with_log_format_json_a_bad_setting_is_one_json_line() -> None:
+    """With LOG_FORMAT=json, the line that names a bad variable is a JSON object like every other line."""
+    env = {"PATH": "", "DATABASE_URL": "postgresql://127.0.0.1:1/x", "MAX_ATTEMPTS": "0", "LOG_FORMAT": "json"}
+    done = subprocess.run([sys.executable, "app.py"], env=env, capture_output=True, text=True, timeout=30)
+    assert done.returncode != 0
+    [line] = done.stderr.strip().splitlines()
+    entry = json.loads(line)
+    assert (entry["level"], entry["logger"]) == ("ERROR", "generations")
+    assert entry["message"] == "generations: configuration error: MAX_ATTEMPTS must be between 1 and 100, got 0"
+    assert entry["time"]
+
+
 def test_importing_the_module_reads_nothing() -> None:
     """Importing app touches neither the environment nor the network."""
     env = {"PATH": ""}  # no DATABASE_URL: building the app from the environment would fail
