@@ -3,8 +3,8 @@ PostgreSQL, real signals, and faults injected from outside.
 
 Each test names the guarantee it checks in its docstring and checks it from the database's
 point of view. They are marked `chaos`: CI runs them; `pytest -m "not chaos"` skips them.
-`pytest -s` shows the figures they measure. SOAK_SECONDS (default 20) and SOAK_RATE
-(requests per second, default 150) size the soak test.
+`pytest -s` shows the figures they measure. SOAK_SECONDS (default 10) and SOAK_RATE
+(requests per second, default 300) size the soak test.
 """
 
 import asyncio
@@ -31,8 +31,8 @@ from conftest import eventually
 from scripts.pg import EmbeddedPostgres
 from scripts.service import Service
 
-SOAK_SECONDS = float(os.environ.get("SOAK_SECONDS", "20"))
-SOAK_RATE = float(os.environ.get("SOAK_RATE", "150"))
+SOAK_SECONDS = float(os.environ.get("SOAK_SECONDS", "10"))
+SOAK_RATE = float(os.environ.get("SOAK_RATE", "300"))
 
 # The worker's DEBUG line for each provider call: one per attempt.
 PROVIDER_CALL = re.compile(r"job ([0-9a-f-]{36}) attempt (\d+): generating (\d+) (\w+) images")
