@@ -870,7 +870,7 @@ class Worker:
         self.results_ready = asyncio.Event()
         self.writing = asyncio.Lock()
         self.stopping = asyncio.Event()
-        self.grace_ends: float | None = None  # the loop's time when running jobs must have finished
+        self.grace_ends = 0.0  # the loop's time when running jobs must have finished (set by stop_claiming)
         # One client for every provider call, with a connection per slot at most.
         connections = aiohttp.TCPConnector(limit=settings.worker_concurrency)
         self.http = aiohttp.ClientSession(connector=connections, timeout=aiohttp.ClientTimeout(total=None))
@@ -889,7 +889,7 @@ class Worker:
     def stop_claiming(self) -> None:
         """Claim nothing more (the first step of a shutdown, taken as soon as the signal arrives). The grace
         of running jobs counts from now: uvicorn may spend as long again draining open requests first."""
-        if self.grace_ends is None:
+        if not self.stopping.is_set():  # the first signal starts the grace
             self.grace_ends = asyncio.get_running_loop().time() + self.settings.shutdown_grace_seconds
         self.stopping.set()
         self.wakeup.set()
@@ -899,9 +899,9 @@ class Worker:
         claimer, writer, keeper = tasks
         await asyncio.gather(claimer, return_exceptions=True)
         if running := [task for task in self.held.values() if not task.done()]:
-            grace, loop = self.settings.shutdown_grace_seconds, asyncio.get_running_loop()
+            grace = self.settings.shutdown_grace_seconds
             logger.info("shutting down: waiting up to %gs for running jobs: %d", grace, len(running))
-            left = max(0.0, (self.grace_ends or loop.time() + grace) - loop.time())
+            left = max(0.0, self.grace_ends - asyncio.get_running_loop().time())
             _, unfinished = await asyncio.wait(running, timeout=left)
             for task in unfinished:
                 task.cancel()
